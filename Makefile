@@ -1,0 +1,45 @@
+# gradcam-node: `make run` starts the node, `make test` runs lint and the whole test suite.
+# Both do all set-up on a fresh machine (virtual environment in .venv; DICOM peers from Debian for tests).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the tests talk to, as "file:package".
+PEERS  := /usr/bin/storescu:dcmtk /usr/bin/dciodvfy:dicom3tools /usr/sbin/Orthanc:orthanc
+
+.PHONY: run test lint venv peers demo clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@# pytorch-grad-cam is only a test reference; --no-deps keeps its GUI OpenCV out (see pyproject.toml).
+	$(BIN)/python -m pip install -q --no-deps grad-cam==1.5.7
+	@touch $(STAMP)
+
+peers:
+	@missing=""; for p in $(PEERS); do [ -x "$${p%%:*}" ] || missing="$$missing $${p##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing DICOM peers:$$missing"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+
+run: $(STAMP)
+	$(BIN)/gradcam-node serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(STAMP) peers lint
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP) peers
+	$(BIN)/gradcam-node demo
+
+clean:
+	rm -rf var out .pytest_cache .ruff_cache

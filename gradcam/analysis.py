@@ -1,0 +1,67 @@
+"""Run every enabled model with Grad-CAM on a batch of images."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from gradcam.cam import CamEngine
+from gradcam.config import CoreConfig
+from gradcam.models import LoadedModel, load_model
+from gradcam.preprocess import SourceImage, to_model_input
+from gradcam.results import AnalysisResult, ModelResult
+
+__all__ = ["Analyzer", "cam_to_source"]
+
+
+def cam_to_source(cam: np.ndarray, height: int, width: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Upsample a raw CAM to source resolution, scale to [0, 1] by its maximum; return it and its peak.
+
+    The peak is taken on the low-resolution map and mapped to the centre of its cell, so that an all-equal
+    map does not point at a corner by accident of interpolation.
+    """
+    cam = np.asarray(cam, np.float32)
+    top = float(cam.max())
+    scaled = cam / top if top > 0 else np.zeros_like(cam)
+    full = cv2.resize(scaled, (width, height), interpolation=cv2.INTER_LINEAR)
+    r, c = np.unravel_index(int(np.argmax(scaled)), scaled.shape)
+    peak = (
+        min(height - 1, int((r + 0.5) * height / scaled.shape[0])),
+        min(width - 1, int((c + 0.5) * width / scaled.shape[1])),
+    )
+    return np.clip(full, 0.0, 1.0).astype(np.float32), peak
+
+
+class Analyzer:
+    """Loads the configured models once; analyses batches of images with all of them."""
+
+    def __init__(self, cfg: CoreConfig, model_names: Sequence[str] | None = None) -> None:
+        chosen = [cfg.model(n) for n in model_names] if model_names else list(cfg.enabled_models)
+        self.cfg = cfg
+        self.models: dict[str, LoadedModel] = {m.name: load_model(m) for m in chosen}
+        self.engines = {name: CamEngine(lm.module, lm.cfg.target_layer) for name, lm in self.models.items()}
+
+    def analyze(self, images: Sequence[SourceImage]) -> list[AnalysisResult]:
+        """One :class:`AnalysisResult` per image, in order."""
+        per_image: list[dict[str, ModelResult]] = [{} for _ in images]
+        for name, lm in self.models.items():
+            t0 = time.perf_counter()
+            x = to_model_input(list(images), lm.cfg)
+            logits, cams = self.engines[name].run(x, lm.cfg.threshold)
+            probs = torch.sigmoid(logits.float()).tolist()
+            ms = (time.perf_counter() - t0) * 1000.0 / max(1, len(images))
+            for i, img in enumerate(images):
+                cam, peak = cam_to_source(cams[i].float().numpy(), img.height, img.width)
+                per_image[i][name] = ModelResult(
+                    model=name, builder=lm.cfg.builder, probability=float(probs[i]),
+                    threshold=lm.cfg.threshold, positive=probs[i] >= lm.cfg.threshold, cam=cam,
+                    cam_peak=peak, checkpoint_sha256=lm.sha256, ms=ms,
+                )
+        return [
+            AnalysisResult(source=img.source, height=img.height, width=img.width, models=per_image[i])
+            for i, img in enumerate(images)
+        ]

@@ -1,0 +1,176 @@
+"""Model registry: torchvision architectures with a single-logit head, and safe checkpoint loading."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from gradcam.config import ModelConfig
+from gradcam.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointMissingError,
+    ConfigError,
+    UnsafeCheckpointError,
+)
+
+__all__ = [
+    "LoadedModel",
+    "build_model",
+    "read_checkpoint",
+    "load_model",
+    "save_checkpoint",
+    "file_sha256",
+    "resolve_module",
+]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for inference: eval mode, parameters frozen."""
+
+    name: str
+    cfg: ModelConfig
+    module: nn.Module = field(repr=False)
+    sha256: str
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def _replace_head(model: nn.Module, builder: str) -> nn.Module:
+    """Swap the last ``nn.Linear`` of the classifier for a single-output one."""
+    for attr in ("fc", "classifier", "head", "heads"):
+        head = getattr(model, attr, None)
+        if head is None:
+            continue
+        if isinstance(head, nn.Linear):
+            setattr(model, attr, nn.Linear(head.in_features, 1))
+            return model
+        if isinstance(head, nn.Sequential):
+            for i in range(len(head) - 1, -1, -1):
+                if isinstance(head[i], nn.Linear):
+                    head[i] = nn.Linear(head[i].in_features, 1)
+                    return model
+    raise CheckpointError(f"builder {builder!r}: no final nn.Linear found to replace with a single logit")
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Build ``cfg.builder`` from torchvision with ``weights=None`` (never a download), single logit."""
+    try:
+        builder = torchvision.models.get_model_builder(cfg.builder)
+    except ValueError:
+        raise ConfigError(
+            "", f"models.{cfg.name}.builder",
+            f"{cfg.builder!r} is not a torchvision model builder (e.g. resnet18, efficientnet_b0, densenet121)",
+        ) from None
+    model = builder(weights=None)
+    model = _replace_head(model, cfg.builder)
+    resolve_module(model, cfg.target_layer, cfg.name)
+    return model
+
+
+def resolve_module(model: nn.Module, dotted: str, name: str = "") -> nn.Module:
+    """The submodule at a dotted path such as ``layer4`` or ``features.denseblock4``."""
+    try:
+        return model.get_submodule(dotted)
+    except AttributeError:
+        raise ConfigError(
+            "", f"models.{name}.target_layer", f"{dotted!r} is not a module of this architecture"
+        ) from None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint safely: ``(state_dict as fp32, meta)``.
+
+    Accepts a bare state dict, ``{"model_state_dict": ...}`` or ``{"state_dict": ...}``, keys prefixed
+    ``module.`` (DataParallel), fp16 or fp32 tensors. Always ``weights_only=True``.
+    """
+    if not path.is_file():
+        raise CheckpointMissingError(
+            f"checkpoint {path} not found: train one with `gradcam-node train --model NAME --out {path}` "
+            "or point the model's `checkpoint` key at an existing file"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} needs arbitrary unpickling, which is refused (weights_only=True): "
+            f"{str(exc).splitlines()[0]}. Re-save it as a plain state dict."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file: {exc}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a state dict")
+    meta: dict[str, Any] = {}
+    state: Any = obj
+    for key in ("model_state_dict", "state_dict"):
+        if key in obj and isinstance(obj[key], dict):
+            state = obj[key]
+            meta = obj.get("meta", {}) if isinstance(obj.get("meta", {}), dict) else {}
+            break
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"checkpoint {path}: entry {k!r} is not a tensor")
+        k = k[len("module."):] if k.startswith("module.") else k
+        tensors[k] = v.float() if v.is_floating_point() else v
+    return tensors, meta
+
+
+def _check_keys(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
+    shapes = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (first: {'; '.join(shapes[:3])})")
+    if problems:
+        raise CheckpointMismatchError(f"checkpoint {path} does not fit the architecture: {'; '.join(problems)}")
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Build the architecture, load its checkpoint, switch to eval mode and freeze the parameters."""
+    model = build_model(cfg)
+    state, meta = read_checkpoint(cfg.checkpoint)
+    _check_keys(cfg.checkpoint, model, state)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(name=cfg.name, cfg=cfg, module=model, sha256=file_sha256(cfg.checkpoint), meta=meta)
+
+
+def save_checkpoint(module: nn.Module, path: Path, meta: dict[str, Any]) -> str:
+    """Save ``{"model_state_dict": fp16 tensors, "meta": meta}``; returns the file's sha256."""
+    state = {
+        k: (v.detach().to("cpu").half() if v.is_floating_point() else v.detach().to("cpu"))
+        for k, v in module.state_dict().items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"model_state_dict": state, "meta": meta}, tmp)
+    tmp.replace(path)
+    return file_sha256(path)

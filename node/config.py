@@ -1,0 +1,208 @@
+"""Typed configuration of the DICOM node: ``[node]``, ``[worker]``, ``[outputs]``, ``[outbox]``,
+``[routing]`` and ``[[destinations]]``, on top of the core's model sections."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gradcam.config import DEFAULT_CONFIG, REPO_ROOT, CoreConfig, TableReader, parse_core, read_toml
+from gradcam.errors import ConfigError
+
+__all__ = [
+    "NodeConfig",
+    "WorkerConfig",
+    "OutputsConfig",
+    "OutboxConfig",
+    "Destination",
+    "Settings",
+    "resolve_config_path",
+    "load_settings",
+]
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    ae_title: str = "GRADCAM"
+    bind: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_aets: tuple[str, ...] = ()
+    max_associations: int = 8
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    max_pdu: int = 262144
+    storage_dir: Path = REPO_ROOT / "var" / "spool"
+    database_url: str = ""
+    min_free_disk_mb: int = 512
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    batch_size: int = 4
+    max_attempts: int = 3
+    retry_delay_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class OutputsConfig:
+    sc_series_number: int = 9901
+    sc_series_description: str = "AI Grad-CAM heatmap - research only, not for diagnostic use"
+    sr_series_number: int = 9902
+    sr_series_description: str = "AI pneumonia findings - research only, not for diagnostic use"
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    max_attempts: int = 12
+    backoff_initial_s: float = 2.0
+    backoff_max_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration file, parsed and checked."""
+
+    path: Path
+    core: CoreConfig
+    node: NodeConfig = field(default_factory=NodeConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    destinations: tuple[Destination, ...] = ()
+    default_destination: str | None = None
+
+    @property
+    def database_url(self) -> str:
+        if self.node.database_url:
+            return self.node.database_url
+        return f"sqlite:///{REPO_ROOT / 'var' / 'gradcam-node.db'}"
+
+    def destination(self, name: str) -> Destination:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        known = ", ".join(d.name for d in self.destinations) or "none"
+        raise ConfigError(str(self.path), "destinations", f"no destination named {name!r} (known: {known})")
+
+    def destination_for_caller(self, calling_ae: str) -> Destination | None:
+        """The destination whose AE title is the caller's, else the default one (or None)."""
+        for d in self.destinations:
+            if d.ae_title == calling_ae.strip():
+                return d
+        if self.default_destination:
+            return self.destination(self.default_destination)
+        return None
+
+
+def _ae(r: TableReader, name: str, default: object = ...) -> str:
+    value = r.str(name) if default is ... else r.str(name, default)
+    if not _AE_RE.match(value) or not value.strip():
+        raise r.error(name, f"expected a DICOM AE title (1-16 characters, no backslash), got {value!r}")
+    return value.strip()
+
+
+def resolve_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """``--config`` wins, then ``GRADCAM_NODE_CONFIG``, then ``config/node.toml``."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("GRADCAM_NODE_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read, parse and check a configuration file; raises :class:`ConfigError` naming file and key."""
+    p = resolve_config_path(path)
+    data = read_toml(p)
+    core = parse_core(p, data)
+    root = TableReader(p, "", data)
+    for known in ("models", "preprocess", "render"):
+        root._get(known, None)
+
+    n = root.table_of("node", {})
+    node = NodeConfig(
+        ae_title=_ae(n, "ae_title", "GRADCAM"),
+        bind=n.str("bind", "127.0.0.1"),
+        port=n.int("port", 11112, lo=1, hi=65535),
+        allowed_calling_aets=tuple(a.strip() for a in n.str_list("allowed_calling_aets", [])),
+        max_associations=n.int("max_associations", 8, lo=1, hi=256),
+        acse_timeout_s=n.float("acse_timeout_s", 30.0, lo=0.1),
+        dimse_timeout_s=n.float("dimse_timeout_s", 60.0, lo=0.1),
+        network_timeout_s=n.float("network_timeout_s", 60.0, lo=0.1),
+        max_pdu=n.int("max_pdu", 262144, lo=0),
+        storage_dir=n.path("storage_dir", "var/spool"),
+        database_url=n.str("database_url", ""),
+        min_free_disk_mb=n.int("min_free_disk_mb", 512, lo=0),
+    )
+    n.finish()
+
+    w = root.table_of("worker", {})
+    worker = WorkerConfig(
+        batch_size=w.int("batch_size", 4, lo=1, hi=256),
+        max_attempts=w.int("max_attempts", 3, lo=1, hi=100),
+        retry_delay_s=w.float("retry_delay_s", 5.0, lo=0.0),
+    )
+    w.finish()
+
+    o = root.table_of("outputs", {})
+    defaults = OutputsConfig()
+    outputs = OutputsConfig(
+        sc_series_number=o.int("sc_series_number", defaults.sc_series_number, lo=1, hi=2**31 - 1),
+        sc_series_description=o.str("sc_series_description", defaults.sc_series_description),
+        sr_series_number=o.int("sr_series_number", defaults.sr_series_number, lo=1, hi=2**31 - 1),
+        sr_series_description=o.str("sr_series_description", defaults.sr_series_description),
+    )
+    o.finish()
+
+    b = root.table_of("outbox", {})
+    outbox = OutboxConfig(
+        max_attempts=b.int("max_attempts", 12, lo=1, hi=1000),
+        backoff_initial_s=b.float("backoff_initial_s", 2.0, lo=0.0),
+        backoff_max_s=b.float("backoff_max_s", 300.0, lo=0.0),
+    )
+    b.finish()
+
+    raw_dests = root._get("destinations", [])
+    if not isinstance(raw_dests, list):
+        raise ConfigError(str(p), "destinations", "expected [[destinations]] tables")
+    dests = []
+    for i, t in enumerate(raw_dests):
+        d = TableReader(p, f"destinations[{i}]", t)
+        dests.append(
+            Destination(
+                name=d.str("name"),
+                ae_title=_ae(d, "ae_title"),
+                host=d.str("host"),
+                port=d.int("port", lo=1, hi=65535),
+            )
+        )
+        d.finish()
+    names = [d.name for d in dests]
+    if len(set(names)) != len(names):
+        raise ConfigError(str(p), "destinations", "destination names must be unique")
+
+    r = root.table_of("routing", {})
+    default_destination = r.str("default_destination", None)
+    r.finish()
+    if default_destination is not None and default_destination not in names:
+        raise ConfigError(
+            str(p), "routing.default_destination",
+            f"names no [[destinations]] entry (known: {', '.join(names) or 'none'})",
+        )
+    root.finish()
+    return Settings(
+        path=p, core=core, node=node, worker=worker, outputs=outputs, outbox=outbox,
+        destinations=tuple(dests), default_destination=default_destination,
+    )
