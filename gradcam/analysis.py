@@ -57,9 +57,15 @@ class Analyzer:
             for i, img in enumerate(images):
                 cam, peak = cam_to_source(cams[i].float().numpy(), img.height, img.width)
                 per_image[i][name] = ModelResult(
-                    model=name, builder=lm.cfg.builder, probability=float(probs[i]),
-                    threshold=lm.cfg.threshold, positive=probs[i] >= lm.cfg.threshold, cam=cam,
-                    cam_peak=peak, checkpoint_sha256=lm.sha256, ms=ms,
+                    model=name,
+                    builder=lm.cfg.builder,
+                    probability=float(probs[i]),
+                    threshold=lm.cfg.threshold,
+                    positive=probs[i] >= lm.cfg.threshold,
+                    cam=cam,
+                    cam_peak=peak,
+                    checkpoint_sha256=lm.sha256,
+                    ms=ms,
                 )
         return [
             AnalysisResult(source=img.source, height=img.height, width=img.width, models=per_image[i])

@@ -54,6 +54,7 @@ class ModelConfig:
     threshold: float = 0.5
     enabled: bool = True
     window: Window | None = None
+    config_file: str = field(default="", repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -168,8 +169,10 @@ class TableReader:
 
     def _check_range(self, name: str, value: Any, lo: Any, hi: Any) -> Any:
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else (
-                f"at least {lo}" if lo is not None else f"at most {hi}"
+            bounds = (
+                f"between {lo} and {hi}"
+                if lo is not None and hi is not None
+                else (f"at least {lo}" if lo is not None else f"at most {hi}")
             )
             raise self.error(name, f"expected a value {bounds}, got {value!r}")
         return value
@@ -210,6 +213,7 @@ def _parse_model(path: Path, name: str, table: Any) -> ModelConfig:
         threshold=r.float("threshold", lo=0.0, hi=1.0),
         enabled=r.bool("enabled", True),
         window=window,
+        config_file=str(path),
     )
     r.finish()
     return model

@@ -34,7 +34,7 @@ class ConfigError(GradcamError):
         self.file = file
         self.key = key
         self.expected = expected
-        where = f"{file}: {key}" if key else file
+        where = ": ".join(part for part in (file, key) if part)
         super().__init__(f"{where}: {expected}")
 
 

@@ -66,22 +66,23 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         builder = torchvision.models.get_model_builder(cfg.builder)
     except ValueError:
         raise ConfigError(
-            "", f"models.{cfg.name}.builder",
-            f"{cfg.builder!r} is not a torchvision model builder (e.g. resnet18, efficientnet_b0, densenet121)",
+            cfg.config_file,
+            f"models.{cfg.name}.builder",
+            f"{cfg.builder!r} is not a torchvision builder (e.g. resnet18, efficientnet_b0, densenet121)",
         ) from None
     model = builder(weights=None)
     model = _replace_head(model, cfg.builder)
-    resolve_module(model, cfg.target_layer, cfg.name)
+    resolve_module(model, cfg.target_layer, cfg.name, cfg.config_file)
     return model
 
 
-def resolve_module(model: nn.Module, dotted: str, name: str = "") -> nn.Module:
+def resolve_module(model: nn.Module, dotted: str, name: str = "", file: str = "") -> nn.Module:
     """The submodule at a dotted path such as ``layer4`` or ``features.denseblock4``."""
     try:
         return model.get_submodule(dotted)
     except AttributeError:
         raise ConfigError(
-            "", f"models.{name}.target_layer", f"{dotted!r} is not a module of this architecture"
+            file, f"models.{name}.target_layer", f"{dotted!r} is not a module of this architecture"
         ) from None
 
 
@@ -126,7 +127,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     for k, v in state.items():
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"checkpoint {path}: entry {k!r} is not a tensor")
-        k = k[len("module."):] if k.startswith("module.") else k
+        k = k[len("module.") :] if k.startswith("module.") else k
         tensors[k] = v.float() if v.is_floating_point() else v
     return tensors, meta
 
@@ -148,7 +149,9 @@ def _check_keys(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) ->
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches (first: {'; '.join(shapes[:3])})")
     if problems:
-        raise CheckpointMismatchError(f"checkpoint {path} does not fit the architecture: {'; '.join(problems)}")
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not fit the architecture: {'; '.join(problems)}"
+        )
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:

@@ -14,10 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pydicom
+import pydicom.multival
 import torch
 from PIL import Image
 from pydicom.errors import InvalidDicomError
-import pydicom.multival
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
 from gradcam.config import ModelConfig, Window
@@ -148,7 +148,9 @@ def load_dataset_image(ds: pydicom.Dataset, max_pixels: int, source: str = "") -
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError:
-        raise UnsupportedTransferSyntaxError(f"{source}: transfer syntax {tsyntax.name} ({tsyntax}) is not supported") from None
+        raise UnsupportedTransferSyntaxError(
+            f"{source}: transfer syntax {tsyntax.name} ({tsyntax}) is not supported"
+        ) from None
     if not decoder.is_available:
         raise UnsupportedTransferSyntaxError(f"{source}: no decoder installed for {tsyntax.name} ({tsyntax})")
     try:

@@ -32,28 +32,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="verbose logging and tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    a = sub.add_parser("analyze", help="analyse DICOM/PNG/JPEG files on disk",
-                       description="Run every enabled model (or those named with --model) with Grad-CAM on "
-                       "each file and write DIR/<stem>/result.json, <model>.png overlays and <model>_cam.npy "
-                       "maps. A bad file gets one line on stderr; the others are still done; exit code 1 if "
-                       "any failed.")
+    a = sub.add_parser(
+        "analyze",
+        help="analyse DICOM/PNG/JPEG files on disk",
+        description="Run every enabled model (or those named with --model) with Grad-CAM on "
+        "each file and write DIR/<stem>/result.json, <model>.png overlays and <model>_cam.npy "
+        "maps. A bad file gets one line on stderr; the others are still done; exit code 1 if "
+        "any failed.",
+    )
     a.add_argument("paths", nargs="+", metavar="PATH", help="input files (DICOM, PNG, JPEG)")
     a.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    a.add_argument("--model", action="append", metavar="NAME", help="model to run (repeatable; default: all enabled)")
+    a.add_argument(
+        "--model", action="append", metavar="NAME", help="model to run (repeatable; default: all enabled)"
+    )
 
-    ph = sub.add_parser("phantoms", help="generate synthetic chest radiograph phantoms",
-                        description="Deterministic synthetic chest X-ray phantoms with labelled consolidations "
-                        "(labels.csv, masks). Synthetic data only: never patient data.")
+    ph = sub.add_parser(
+        "phantoms",
+        help="generate synthetic chest radiograph phantoms",
+        description="Deterministic synthetic chest X-ray phantoms with labelled consolidations "
+        "(labels.csv, masks). Synthetic data only: never patient data.",
+    )
     ph.add_argument("--out", required=True, metavar="DIR")
     ph.add_argument("--count", type=int, required=True, metavar="N")
     ph.add_argument("--seed", type=int, required=True, metavar="S")
     ph.add_argument("--positive-fraction", type=float, default=0.5, metavar="F")
     ph.add_argument("--format", choices=("png", "dicom", "both"), default="png")
 
-    t = sub.add_parser("train", help="train one model of the registry",
-                       description="Train a configured model (single logit, BCE with logits) on a phantom folder "
-                       "(labels.csv) or an ImageFolder-style data set (train/NORMAL, train/PNEUMONIA, val/...). "
-                       "Keeps the best epoch by validation AUC and saves fp16 weights with metadata.")
+    t = sub.add_parser(
+        "train",
+        help="train one model of the registry",
+        description="Train a configured model (single logit, BCE with logits) on a phantom folder "
+        "(labels.csv) or an ImageFolder-style data set (train/NORMAL, train/PNEUMONIA, val/...). "
+        "Keeps the best epoch by validation AUC and saves fp16 weights with metadata.",
+    )
     t.add_argument("--data", required=True, metavar="DIR")
     t.add_argument("--model", required=True, metavar="NAME")
     t.add_argument("--epochs", type=int, required=True, metavar="E")
@@ -63,24 +74,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--input-size", type=int, metavar="PX", help="override the model's configured input size")
-    t.add_argument("--val-fraction", type=float, default=0.2, help="phantom folders: share held out for validation")
+    t.add_argument(
+        "--val-fraction", type=float, default=0.2, help="phantom folders: share held out for validation"
+    )
 
-    e = sub.add_parser("evaluate", help="AUC, sensitivity/specificity, ROC thresholds, pointing game",
-                       description="Evaluate models on a labelled folder: AUC, sensitivity and specificity at the "
-                       "configured threshold, the ROC-optimal threshold (Youden's J, or the highest threshold "
-                       "reaching --min-sensitivity) and, for positives with lesion boxes, the pointing game. "
-                       "Writes an ROC curve PNG per model.")
+    e = sub.add_parser(
+        "evaluate",
+        help="AUC, sensitivity/specificity, ROC thresholds, pointing game",
+        description="Evaluate models on a labelled folder: AUC, sensitivity and specificity at the "
+        "configured threshold, the ROC-optimal threshold (Youden's J, or the highest threshold "
+        "reaching --min-sensitivity) and, for positives with lesion boxes, the pointing game. "
+        "Writes an ROC curve PNG per model.",
+    )
     e.add_argument("--data", required=True, metavar="DIR")
     e.add_argument("--model", action="append", metavar="NAME")
     e.add_argument("--json", action="store_true", help="print JSON")
-    e.add_argument("--write-thresholds", action="store_true",
-                   help="write the ROC-optimal thresholds into the configuration file used")
+    e.add_argument(
+        "--write-thresholds",
+        action="store_true",
+        help="write the ROC-optimal thresholds into the configuration file used",
+    )
     e.add_argument("--min-sensitivity", type=float, metavar="S")
     e.add_argument("--out", metavar="DIR", help="folder for ROC PNGs (default: DATA/evaluation)")
 
-    sub.add_parser("serve", help="run the DICOM node (C-ECHO, C-STORE in; SC and SR out)",
-                   description="Start the DICOM node on the configured AE title and port. Stops cleanly on "
-                   "SIGTERM or SIGINT.")
+    sub.add_parser(
+        "serve",
+        help="run the DICOM node (C-ECHO, C-STORE in; SC and SR out)",
+        description="Start the DICOM node on the configured AE title and port. Stops cleanly on "
+        "SIGTERM or SIGINT.",
+    )
 
     j = sub.add_parser("jobs", help="list received instances, jobs, results and sends")
     j.add_argument("--limit", type=int, default=20, metavar="N")
@@ -149,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except KeyboardInterrupt:
         return 130
-    except (GradcamError, OSError) as exc:
+    except (GradcamError, OSError, ValueError) as exc:
         if args.debug:
             raise
         print(f"gradcam-node: error: {exc}", file=sys.stderr)
