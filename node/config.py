@@ -198,11 +198,18 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     r.finish()
     if default_destination is not None and default_destination not in names:
         raise ConfigError(
-            str(p), "routing.default_destination",
+            str(p),
+            "routing.default_destination",
             f"names no [[destinations]] entry (known: {', '.join(names) or 'none'})",
         )
     root.finish()
     return Settings(
-        path=p, core=core, node=node, worker=worker, outputs=outputs, outbox=outbox,
-        destinations=tuple(dests), default_destination=default_destination,
+        path=p,
+        core=core,
+        node=node,
+        worker=worker,
+        outputs=outputs,
+        outbox=outbox,
+        destinations=tuple(dests),
+        default_destination=default_destination,
     )
