@@ -114,6 +114,14 @@ def _ae(r: TableReader, name: str, default: object = ...) -> str:
     return value.strip()
 
 
+def _lo(r: TableReader, name: str, default: str) -> str:
+    """A DICOM LO value: at most 64 characters, no backslash or control characters."""
+    value = r.str(name, default)
+    if len(value) > 64 or "\\" in value or any(ord(ch) < 32 for ch in value):
+        raise r.error(name, f"expected at most 64 characters without backslash (DICOM LO), got {value!r}")
+    return value
+
+
 def resolve_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     """``--config`` wins, then ``GRADCAM_NODE_CONFIG``, then ``config/node.toml``."""
     if explicit:
@@ -160,9 +168,9 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     defaults = OutputsConfig()
     outputs = OutputsConfig(
         sc_series_number=o.int("sc_series_number", defaults.sc_series_number, lo=1, hi=2**31 - 1),
-        sc_series_description=o.str("sc_series_description", defaults.sc_series_description),
+        sc_series_description=_lo(o, "sc_series_description", defaults.sc_series_description),
         sr_series_number=o.int("sr_series_number", defaults.sr_series_number, lo=1, hi=2**31 - 1),
-        sr_series_description=o.str("sr_series_description", defaults.sr_series_description),
+        sr_series_description=_lo(o, "sr_series_description", defaults.sr_series_description),
     )
     o.finish()
 

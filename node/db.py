@@ -1,0 +1,379 @@
+"""Database of the node: associations, received instances, jobs, results, outputs and sends.
+
+The contract is /work/notes/SCHEMA.md. One engine per process (:func:`make_engine`), short sessions from
+:func:`session_factory`. Every timestamp is a timezone-aware UTC :class:`~datetime.datetime` whatever the
+backend (SQLite stores naive UTC text; :class:`UtcDateTime` puts the zone back on the way out).
+
+SQLite specifics: WAL journal (readers never block the writer), ``busy_timeout`` 30 s,
+``synchronous=FULL`` (a C-STORE success is only sent after the commit, so the commit must survive power
+loss), foreign keys on, and every transaction starts with ``BEGIN IMMEDIATE``: the write lock is taken up
+front, so two threads that read then write never dead-end in ``SQLITE_BUSY`` (a deferred transaction that
+must upgrade its lock cannot wait for it; an immediate one waits up to the busy timeout).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Dialect,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    update,
+)
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "Base",
+    "UtcDateTime",
+    "AssociationStatus",
+    "InstanceStatus",
+    "JobStatus",
+    "SendStatus",
+    "Association",
+    "Instance",
+    "Job",
+    "Result",
+    "Output",
+    "Send",
+    "SendAttempt",
+    "utcnow",
+    "make_engine",
+    "create_schema",
+    "session_factory",
+    "recover",
+]
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 30_000
+_UID = 64  # DICOM UI VR maximum length
+_AE = 16  # DICOM AE VR maximum length
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python.
+
+    Naive values are refused on the way in (they are ambiguous); SQLite gets naive UTC text (it has no
+    zone type), other backends a ``TIMESTAMP WITH TIME ZONE``.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: use timezone-aware UTC (node.db.utcnow())")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class AssociationStatus(enum.StrEnum):
+    """Life of an association: ``accepted`` until it ends ``released`` or ``aborted``; or ``rejected``."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    RELEASED = "released"
+    ABORTED = "aborted"
+
+
+class InstanceStatus(enum.StrEnum):
+    """A received instance is durable on disk and in the database once recorded."""
+
+    STORED = "stored"
+
+
+class JobStatus(enum.StrEnum):
+    """``queued`` -> ``running`` -> ``done`` | ``failed`` (or back to ``queued`` for a retry); or ``skipped``
+    at reception when triage says the image is not analysable."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class SendStatus(enum.StrEnum):
+    """``pending`` -> ``sending`` -> ``sent`` | ``failed`` (or back to ``pending`` with a later due time)."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+def _enum(cls: type[enum.StrEnum]) -> SAEnum:
+    # Stored as the lower-case values (so raw SQL can say status='queued'), as VARCHAR on every backend.
+    return SAEnum(
+        cls,
+        native_enum=False,
+        values_callable=lambda e: [m.value for m in e],
+        length=16,
+        validate_strings=True,
+        name=cls.__name__.lower(),
+    )
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the node's tables."""
+
+
+class Association(Base):
+    """One DICOM association a peer opened with us (accepted or not)."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_ae: Mapped[str] = mapped_column(String(64))
+    called_ae: Mapped[str] = mapped_column(String(64))
+    peer_host: Mapped[str] = mapped_column(String(255))
+    peer_port: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    status: Mapped[AssociationStatus] = mapped_column(_enum(AssociationStatus), index=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    n_received: Mapped[int] = mapped_column(Integer, default=0)
+    n_failed: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Instance(Base):
+    """A received SOP instance, kept in the spool at :attr:`path`."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(_UID), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(_UID))
+    study_instance_uid: Mapped[str] = mapped_column(String(_UID), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(_UID))
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    transfer_syntax: Mapped[str] = mapped_column(String(_UID))
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"), nullable=True)
+    calling_ae: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    times_received: Mapped[int] = mapped_column(Integer, default=1)
+    status: Mapped[InstanceStatus] = mapped_column(_enum(InstanceStatus), default=InstanceStatus.STORED)
+
+    job: Mapped[Job | None] = relationship(back_populates="instance", uselist=False)
+
+
+class Job(Base):
+    """The analysis of one instance. Queued jobs are claimable when ``next_attempt_at`` is null or due."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), unique=True)
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), index=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    reply_ae: Mapped[str] = mapped_column(String(64))
+    consensus: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    instance: Mapped[Instance] = relationship(back_populates="job")
+    results: Mapped[list[Result]] = relationship(back_populates="job", order_by="Result.model")
+    outputs: Mapped[list[Output]] = relationship(back_populates="job", order_by="Output.id")
+    sends: Mapped[list[Send]] = relationship(back_populates="job", order_by="Send.id")
+
+
+class Result(Base):
+    """One model's decision on one job's image."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("job_id", "model", name="uq_results_job_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    model: Mapped[str] = mapped_column(String(64))
+    builder: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    positive: Mapped[bool] = mapped_column(Boolean)
+    cam_peak_row: Mapped[int] = mapped_column(Integer)
+    cam_peak_col: Mapped[int] = mapped_column(Integer)
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64))
+    ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="results")
+
+
+class Output(Base):
+    """A DICOM object the node made for a job (``kind`` ``sc`` per model, or one ``sr``)."""
+
+    __tablename__ = "outputs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    model: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(_UID))
+    sop_instance_uid: Mapped[str] = mapped_column(String(_UID), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(_UID))
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="outputs")
+
+
+class Send(Base):
+    """Sending all outputs of one job to one destination (one association per attempt)."""
+
+    __tablename__ = "sends"
+    __table_args__ = (UniqueConstraint("job_id", "destination", name="uq_sends_job_destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    ae_title: Mapped[str] = mapped_column(String(_AE))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    status: Mapped[SendStatus] = mapped_column(_enum(SendStatus), index=True, default=SendStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+    job: Mapped[Job] = relationship(back_populates="sends")
+    attempts_log: Mapped[list[SendAttempt]] = relationship(back_populates="send", order_by="SendAttempt.id")
+
+
+class SendAttempt(Base):
+    """One try of a :class:`Send`, with what happened."""
+
+    __tablename__ = "send_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    send_id: Mapped[int] = mapped_column(ForeignKey("sends.id"), index=True)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+    send: Mapped[Send] = relationship(back_populates="attempts_log")
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Driver-level autocommit so that we, not pysqlite, decide where transactions begin (see "begin").
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = FULL")
+        cur.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cur.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """The process's engine for any SQLAlchemy URL; SQLite gets WAL, busy timeout and foreign keys.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL. For a SQLite file the parent folder is created. ``sqlite://`` (memory) shares one
+        connection between threads, for tests.
+    """
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return create_engine(u, pool_pre_ping=True)
+    kwargs: dict[str, Any] = {
+        "connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000},
+    }
+    database = u.database or ""
+    if database in ("", ":memory:"):
+        kwargs["poolclass"] = StaticPool
+    else:
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(u, **kwargs)
+    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def create_schema(engine: Engine) -> None:
+    """Create the tables that do not exist yet (idempotent)."""
+    Base.metadata.create_all(engine)
+
+
+def session_factory(engine: Engine) -> sessionmaker:
+    """Sessions bound to ``engine``; objects stay readable after commit (``expire_on_commit=False``)."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def recover(sessions: sessionmaker) -> tuple[int, int]:
+    """Undo what a crash or kill left half done; call once at start, before the worker and sender.
+
+    Jobs left ``running`` are ``queued`` again (due now); sends left ``sending`` are ``pending`` again (due
+    now). Attempt counters are kept, so a job that kills the process every time still runs out of attempts.
+
+    Returns
+    -------
+    tuple[int, int]
+        The number of jobs and of sends put back.
+    """
+    now = utcnow()
+    with sessions.begin() as s:
+        jobs = s.execute(
+            update(Job)
+            .where(Job.status == JobStatus.RUNNING)
+            .values(status=JobStatus.QUEUED, started_at=None, next_attempt_at=None)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        sends = s.execute(
+            update(Send)
+            .where(Send.status == SendStatus.SENDING)
+            .values(status=SendStatus.PENDING, next_attempt_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    if jobs or sends:
+        log.warning(
+            "recovered after an unclean stop: %d job(s) re-queued, %d send(s) pending again", jobs, sends
+        )
+    return int(jobs or 0), int(sends or 0)

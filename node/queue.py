@@ -1,0 +1,43 @@
+"""Wake-ups between the node's threads (the database is the queue; this only says "look now")."""
+
+from __future__ import annotations
+
+import threading
+
+__all__ = ["JobSignal", "SendSignal"]
+
+
+class JobSignal:
+    """A sticky wake-up: :meth:`notify` after a commit, :meth:`wait` in the consumer's loop.
+
+    A notification sent while nobody waits is kept, so the next :meth:`wait` returns at once: a job
+    committed between the consumer's database poll and its wait is never slept over. The consumer must
+    still poll the database after every wake-up (and after a timeout): a signal carries no data.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending = False
+
+    def notify(self) -> None:
+        """Wake every waiter (or the next one to wait)."""
+        with self._cond:
+            self._pending = True
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Return when notified (at once if a notification is pending) or after ``timeout`` seconds."""
+        with self._cond:
+            if not self._pending:
+                self._cond.wait(timeout)
+            self._pending = False
+
+    @property
+    def pending(self) -> bool:
+        """Whether a notification is waiting to be consumed."""
+        with self._cond:
+            return self._pending
+
+
+# The outbox wakes up the same way; a separate instance, not a separate mechanism.
+SendSignal = JobSignal

@@ -1,0 +1,178 @@
+"""``gradcam-node jobs``: what the node received and did, newest first, as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, selectinload
+
+from node.config import Settings
+from node.db import Association, Job, JobStatus, make_engine, session_factory
+
+__all__ = ["print_jobs", "job_records"]
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat(timespec="milliseconds") if t is not None else None
+
+
+def _job_record(job: Job) -> dict[str, Any]:
+    inst = job.instance
+    return {
+        "job_id": job.id,
+        "status": job.status.value,
+        "reason": job.reason,
+        "attempts": job.attempts,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "duration_ms": job.duration_ms,
+        "consensus": job.consensus,
+        "reply_ae": job.reply_ae,
+        "instance": {
+            "sop_instance_uid": inst.sop_instance_uid,
+            "sop_class_uid": inst.sop_class_uid,
+            "study_instance_uid": inst.study_instance_uid,
+            "series_instance_uid": inst.series_instance_uid,
+            "modality": inst.modality,
+            "transfer_syntax": inst.transfer_syntax,
+            "calling_ae": inst.calling_ae,
+            "received_at": _iso(inst.received_at),
+            "times_received": inst.times_received,
+            "path": inst.path,
+        },
+        "results": [
+            {
+                "model": r.model,
+                "probability": r.probability,
+                "threshold": r.threshold,
+                "positive": r.positive,
+                "cam_peak": [r.cam_peak_row, r.cam_peak_col],
+                "ms": r.ms,
+            }
+            for r in job.results
+        ],
+        "outputs": [
+            {"kind": o.kind, "model": o.model, "sop_instance_uid": o.sop_instance_uid} for o in job.outputs
+        ],
+        "sends": [
+            {
+                "destination": s.destination,
+                "status": s.status.value,
+                "attempts": s.attempts,
+                "last_error": s.last_error,
+                "sent_at": _iso(s.sent_at),
+            }
+            for s in job.sends
+        ],
+    }
+
+
+def job_records(session: Session, limit: int, status: JobStatus | None = None) -> list[dict[str, Any]]:
+    """The ``limit`` most recent jobs (optionally in one state) as JSON-ready dicts, newest first."""
+    q = (
+        select(Job)
+        .options(selectinload(Job.instance), selectinload(Job.results), selectinload(Job.outputs))
+        .options(selectinload(Job.sends))
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(limit)
+    )
+    if status is not None:
+        q = q.where(Job.status == status)
+    return [_job_record(j) for j in session.scalars(q)]
+
+
+def _association_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Association.status, func.count()).group_by(Association.status)).all()
+    return {str(getattr(s, "value", s)): int(n) for s, n in rows}
+
+
+def _fmt_ms(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.0f}"
+
+
+def _consensus(c: bool | None) -> str:
+    return "-" if c is None else ("positive" if c else "negative")
+
+
+def _table(records: list[dict[str, Any]], assoc: dict[str, int], out: TextIO) -> None:
+    print(
+        f"{'JOB':>5}  {'RECEIVED (UTC)':19}  {'STATUS':8}  {'MOD':4} {'FROM':16} {'ATT':>3} {'MS':>7}  "
+        "CONSENSUS",
+        file=out,
+    )
+    for r in records:
+        inst = r["instance"]
+        received = (inst["received_at"] or "")[:19].replace("T", " ")
+        print(
+            f"{r['job_id']:>5}  {received:19}  {r['status']:8}  {inst['modality'] or '-':4} "
+            f"{inst['calling_ae']:16} {r['attempts']:>3} {_fmt_ms(r['duration_ms']):>7}  "
+            f"{_consensus(r['consensus'])}",
+            file=out,
+        )
+        print(f"       instance {inst['sop_instance_uid']}  (received {inst['times_received']}x)", file=out)
+        if r["reason"]:
+            print(f"       reason: {r['reason']}", file=out)
+        if r["results"]:
+            models = "; ".join(
+                f"{m['model']} {m['probability']:.3f} {'>=' if m['positive'] else '<'} {m['threshold']:g}"
+                for m in r["results"]
+            )
+            print(f"       models: {models}", file=out)
+        if r["sends"]:
+            sends = "; ".join(
+                f"{s['destination']} {s['status']} ({s['attempts']} attempt(s))"
+                + (f": {s['last_error']}" if s["last_error"] and s["status"] != "sent" else "")
+                for s in r["sends"]
+            )
+            print(f"       send: {sends}", file=out)
+    if not records:
+        print("(no jobs)", file=out)
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(assoc.items())) or "none"
+    print(f"associations: {summary}", file=out)
+
+
+def _missing_sqlite_file(url: str) -> Path | None:
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:"):
+        p = Path(u.database)
+        return None if p.exists() else p
+    return None
+
+
+def print_jobs(settings: Settings, limit: int, status: str | None, as_json: bool) -> int:
+    """Print recent jobs; 0, or 2 for an invalid ``status`` or ``limit`` (the message lists valid values)."""
+    if limit < 1:
+        print(f"gradcam-node jobs: error: --limit must be at least 1, got {limit}", file=sys.stderr)
+        return 2
+    wanted: JobStatus | None = None
+    if status is not None:
+        try:
+            wanted = JobStatus(status.strip().lower())
+        except ValueError:
+            valid = ", ".join(s.value for s in JobStatus)
+            print(f"gradcam-node jobs: error: invalid --status {status!r} (valid: {valid})", file=sys.stderr)
+            return 2
+    missing = _missing_sqlite_file(settings.database_url)
+    if missing is not None:  # reading must not create an empty database
+        records, assoc = [], {}
+    else:
+        engine = make_engine(settings.database_url)
+        try:
+            with session_factory(engine)() as s:
+                records = job_records(s, limit, wanted)
+                assoc = _association_counts(s)
+        finally:
+            engine.dispose()
+    if as_json:
+        json.dump({"jobs": records, "associations": assoc}, sys.stdout, indent=2)
+        print()
+    else:
+        _table(records, assoc, sys.stdout)
+    return 0

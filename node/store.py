@@ -1,0 +1,299 @@
+"""Recording what the SCP receives: instances with their jobs, and associations.
+
+:meth:`InstanceStore.store` is the durability point of the node: the file is in the spool (fsynced) and
+the instance and its job are committed in ONE transaction before it returns; only then does the SCP
+answer success. Anything that prevents that raises :class:`OutOfResourcesError` and nothing is
+acknowledged.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import zlib
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import sessionmaker
+
+from gradcam.errors import GradcamError
+from node.db import Association, AssociationStatus, Instance, Job, JobStatus, utcnow
+from node.queue import JobSignal
+from node.spool import free_bytes, instance_path, write_atomic
+
+__all__ = [
+    "StoreError",
+    "OutOfResourcesError",
+    "Received",
+    "StoreOutcome",
+    "StoreResult",
+    "InstanceStore",
+    "AssociationLog",
+]
+
+log = logging.getLogger(__name__)
+
+_N_LOCKS = 64
+CONN_CLOSED_REASON = "connection closed without A-RELEASE"
+
+
+class StoreError(GradcamError):
+    """A received instance could not be recorded."""
+
+
+class OutOfResourcesError(StoreError):
+    """Disk space, disk or database failure: the peer gets 0xA700 and may retry later."""
+
+
+@dataclass(frozen=True)
+class Received:
+    """What the SCP learnt from one C-STORE request's header (UIDs already validated)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    modality: str | None
+    transfer_syntax: str
+    calling_ae: str
+    association_id: int | None
+    analysable: bool
+    skip_reason: str | None
+
+
+class StoreOutcome(enum.StrEnum):
+    """What :meth:`InstanceStore.store` did."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """Outcome of one store: the instance (and, when new, its job) as recorded."""
+
+    outcome: StoreOutcome
+    instance_id: int
+    path: Path
+    job_id: int | None = None
+    job_status: JobStatus | None = None
+
+
+class InstanceStore:
+    """Writes received instances to the spool and records them with their job.
+
+    Parameters
+    ----------
+    storage_dir
+        Spool root.
+    sessions
+        Session factory of the node's engine.
+    job_signal
+        Notified after a queued job is committed.
+    min_free_bytes
+        Refuse new data when less than this (plus the instance) would stay free under ``storage_dir``.
+    """
+
+    def __init__(
+        self, storage_dir: Path, sessions: sessionmaker, job_signal: JobSignal, min_free_bytes: int
+    ) -> None:
+        self.storage_dir = Path(storage_dir)
+        self.sessions = sessions
+        self.job_signal = job_signal
+        self.min_free_bytes = min_free_bytes
+        # Striped per-UID locks: the same instance arriving twice at once (two associations) is stored once.
+        self._locks = [threading.Lock() for _ in range(_N_LOCKS)]
+
+    def _lock_for(self, uid: str) -> threading.Lock:
+        return self._locks[zlib.crc32(uid.encode()) % _N_LOCKS]
+
+    def check_space(self, size: int = 0) -> None:
+        """Raise :class:`OutOfResourcesError` if storing ``size`` more bytes would go below the minimum."""
+        try:
+            free = free_bytes(self.storage_dir)
+        except OSError as exc:
+            raise OutOfResourcesError(f"cannot read free space under {self.storage_dir}: {exc}") from exc
+        if free - size < self.min_free_bytes:
+            raise OutOfResourcesError(
+                f"free space under {self.storage_dir} is {free // 2**20} MiB, "
+                f"below the minimum of {self.min_free_bytes // 2**20} MiB"
+            )
+
+    def store(self, rec: Received, data: bytes) -> StoreResult:
+        """Make one received instance durable and queue (or skip) its job.
+
+        An instance already recorded is not written again: its ``times_received`` goes up and no new job
+        is made (outcome ``duplicate``).
+
+        Raises
+        ------
+        OutOfResourcesError
+            Too little disk space, or the disk or the database failed; nothing was recorded.
+        """
+        path = instance_path(self.storage_dir, rec.study_instance_uid, rec.sop_instance_uid)
+        with self._lock_for(rec.sop_instance_uid):
+            dup = self._count_duplicate(rec)
+            if dup is not None:
+                return StoreResult(StoreOutcome.DUPLICATE, dup[0], Path(dup[1]))
+            self.check_space(len(data))
+            try:
+                write_atomic(path, data)
+            except OSError as exc:
+                raise OutOfResourcesError(f"cannot write {path}: {exc}") from exc
+            try:
+                result = self._record(rec, path, len(data))
+            except IntegrityError:
+                # Another process recorded it meanwhile; it owns the file now (same bytes by UID).
+                dup = self._count_duplicate(rec)
+                if dup is None:
+                    raise OutOfResourcesError("database refused the instance and holds no copy") from None
+                return StoreResult(StoreOutcome.DUPLICATE, dup[0], Path(dup[1]))
+            except SQLAlchemyError as exc:
+                path.unlink(missing_ok=True)  # no row points at it; a retry writes it again
+                raise OutOfResourcesError(f"database error: {exc.__class__.__name__}: {exc}") from exc
+        if result.job_status is JobStatus.QUEUED:
+            self.job_signal.notify()
+        return result
+
+    def _count_duplicate(self, rec: Received) -> tuple[int, str] | None:
+        """If the instance is known, count this reception and return (instance id, path)."""
+        try:
+            with self.sessions.begin() as s:
+                # select then update (no UPDATE ... RETURNING: not every backend has it); the increment
+                # itself is done by the database, so concurrent duplicates are all counted.
+                row = s.execute(
+                    select(Instance.id, Instance.path).where(
+                        Instance.sop_instance_uid == rec.sop_instance_uid
+                    )
+                ).first()
+                if row is None:
+                    return None
+                s.execute(
+                    update(Instance)
+                    .where(Instance.id == row[0])
+                    .values(times_received=Instance.times_received + 1)
+                )
+                _bump_association(s, rec.association_id, received=1)
+                return int(row[0]), str(row[1])
+        except SQLAlchemyError as exc:
+            raise OutOfResourcesError(f"database error: {exc.__class__.__name__}: {exc}") from exc
+
+    def _record(self, rec: Received, path: Path, size: int) -> StoreResult:
+        now = utcnow()
+        status = JobStatus.QUEUED if rec.analysable else JobStatus.SKIPPED
+        with self.sessions.begin() as s:
+            inst = Instance(
+                sop_instance_uid=rec.sop_instance_uid,
+                sop_class_uid=rec.sop_class_uid,
+                study_instance_uid=rec.study_instance_uid,
+                series_instance_uid=rec.series_instance_uid,
+                patient_id=rec.patient_id,
+                modality=rec.modality,
+                transfer_syntax=rec.transfer_syntax,
+                path=str(path),
+                size_bytes=size,
+                association_id=rec.association_id,
+                calling_ae=rec.calling_ae,
+                received_at=now,
+                times_received=1,
+            )
+            s.add(inst)
+            s.flush()
+            job = Job(
+                instance_id=inst.id,
+                status=status,
+                reason=None if rec.analysable else rec.skip_reason,
+                attempts=0,
+                reply_ae=rec.calling_ae,
+                created_at=now,
+                finished_at=None if rec.analysable else now,
+            )
+            s.add(job)
+            _bump_association(s, rec.association_id, received=1)
+            s.flush()
+            return StoreResult(StoreOutcome.STORED, inst.id, path, job.id, status)
+
+
+def _bump_association(s: object, association_id: int | None, received: int = 0, failed: int = 0) -> None:
+    if association_id is None:
+        return
+    s.execute(  # type: ignore[attr-defined]
+        update(Association)
+        .where(Association.id == association_id)
+        .values(n_received=Association.n_received + received, n_failed=Association.n_failed + failed)
+    )
+
+
+class AssociationLog:
+    """Records associations in the ``associations`` table; every method is safe to call from any thread.
+
+    Database errors are logged, never raised: bookkeeping must not break an association.
+    """
+
+    def __init__(self, sessions: sessionmaker) -> None:
+        self.sessions = sessions
+
+    def open(
+        self,
+        calling_ae: str,
+        called_ae: str,
+        peer_host: str,
+        peer_port: int,
+        status: AssociationStatus,
+        reason: str | None = None,
+        started_at: datetime | None = None,
+    ) -> int | None:
+        """Insert an association row (``accepted``, or ``rejected`` which is also ended); its id or None."""
+        now = utcnow()
+        try:
+            with self.sessions.begin() as s:
+                row = Association(
+                    calling_ae=calling_ae,
+                    called_ae=called_ae,
+                    peer_host=peer_host,
+                    peer_port=peer_port,
+                    started_at=started_at or now,
+                    ended_at=None if status is AssociationStatus.ACCEPTED else now,
+                    status=status,
+                    reason=reason,
+                    n_received=0,
+                    n_failed=0,
+                )
+                s.add(row)
+                s.flush()
+                return row.id
+        except SQLAlchemyError:
+            log.exception("cannot record association from %s", calling_ae)
+            return None
+
+    def close(self, association_id: int | None, status: AssociationStatus, reason: str | None = None) -> None:
+        """End an association; a real release/abort wins over an earlier "connection closed" guess."""
+        if association_id is None:
+            return
+        open_or_guessed = (Association.status == AssociationStatus.ACCEPTED) | (
+            (Association.status == AssociationStatus.ABORTED) & (Association.reason == CONN_CLOSED_REASON)
+        )
+        if reason == CONN_CLOSED_REASON:
+            open_or_guessed = Association.status == AssociationStatus.ACCEPTED
+        try:
+            with self.sessions.begin() as s:
+                s.execute(
+                    update(Association)
+                    .where(Association.id == association_id, open_or_guessed)
+                    .values(status=status, reason=reason, ended_at=utcnow())
+                )
+        except SQLAlchemyError:
+            log.exception("cannot record the end of association %s", association_id)
+
+    def count_failure(self, association_id: int | None) -> None:
+        """Count one refused C-STORE on the association."""
+        try:
+            with self.sessions.begin() as s:
+                _bump_association(s, association_id, failed=1)
+        except SQLAlchemyError:
+            log.exception("cannot count a failure on association %s", association_id)

@@ -1,0 +1,128 @@
+"""node.store: one durable file + one transaction per new instance; duplicates; refusals leave nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from node.db import (
+    Association,
+    AssociationStatus,
+    Instance,
+    Job,
+    JobStatus,
+    create_schema,
+    make_engine,
+    session_factory,
+)
+from node.queue import JobSignal
+from node.store import CONN_CLOSED_REASON, AssociationLog, InstanceStore, OutOfResourcesError, Received
+
+
+@pytest.fixture
+def sessions(tmp_path: Path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    create_schema(engine)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def _rec(uid: str = "1.2.3", analysable: bool = True, association_id: int | None = None) -> Received:
+    return Received(
+        sop_instance_uid=uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+        study_instance_uid="1.2",
+        series_instance_uid="1.2.1",
+        patient_id="P",
+        modality="DX",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        calling_ae="SCU",
+        association_id=association_id,
+        analysable=analysable,
+        skip_reason=None if analysable else "modality CT is not CR/DX",
+    )
+
+
+def _counts(sessions) -> tuple[int, int]:
+    with sessions() as s:
+        return s.scalar(select(func.count()).select_from(Instance)), s.scalar(
+            select(func.count()).select_from(Job)
+        )
+
+
+def test_store_then_duplicate(tmp_path: Path, sessions) -> None:
+    signal = JobSignal()
+    assoc_id = AssociationLog(sessions).open("SCU", "GRADCAM", "127.0.0.1", 1, AssociationStatus.ACCEPTED)
+    store = InstanceStore(tmp_path / "spool", sessions, signal, 0)
+    first = store.store(_rec(association_id=assoc_id), b"DATA1")
+    assert first.outcome == "stored" and first.job_status is JobStatus.QUEUED
+    assert first.path == tmp_path / "spool" / "1.2" / "1.2.3.dcm"
+    assert first.path.read_bytes() == b"DATA1"
+    assert signal.pending  # the worker is woken after the commit
+    signal.wait(0)
+
+    again = store.store(_rec(association_id=assoc_id), b"OTHER")
+    assert again.outcome == "duplicate" and again.instance_id == first.instance_id
+    assert first.path.read_bytes() == b"DATA1"  # not overwritten
+    assert not signal.pending  # nothing new to do
+    assert _counts(sessions) == (1, 1)
+    with sessions() as s:
+        assert s.scalar(select(Instance.times_received)) == 2
+        assert s.get(Association, assoc_id).n_received == 2
+
+
+def test_skipped_job_has_reason_and_no_wakeup(tmp_path: Path, sessions) -> None:
+    signal = JobSignal()
+    res = InstanceStore(tmp_path, sessions, signal, 0).store(_rec(analysable=False), b"CT")
+    assert res.job_status is JobStatus.SKIPPED
+    with sessions() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.reason == "modality CT is not CR/DX" and job.finished_at is not None
+    assert not signal.pending
+
+
+def test_low_disk_refuses_and_writes_nothing(tmp_path: Path, sessions) -> None:
+    store = InstanceStore(tmp_path / "spool", sessions, JobSignal(), min_free_bytes=2**62)
+    with pytest.raises(OutOfResourcesError, match="below the minimum"):
+        store.store(_rec(), b"DATA")
+    assert not (tmp_path / "spool").exists()
+    assert _counts(sessions) == (0, 0)
+
+
+def test_database_failure_refuses_and_removes_file(tmp_path: Path, sessions) -> None:
+    store = InstanceStore(tmp_path / "spool", sessions, JobSignal(), 0)
+    sessions.kw["bind"].dispose()
+    with sessions.kw["bind"].begin() as c:
+        c.exec_driver_sql("DROP TABLE jobs")  # the job insert now fails after the file is written
+    with pytest.raises(OutOfResourcesError, match="database error"):
+        store.store(_rec(), b"DATA")
+    assert not (tmp_path / "spool" / "1.2" / "1.2.3.dcm").exists()
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 0  # rolled back with the job
+
+
+def test_disk_failure_is_out_of_resources(tmp_path: Path, sessions) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "1.2").write_bytes(b"a file where the study folder should be")
+    with pytest.raises(OutOfResourcesError, match="cannot write"):
+        InstanceStore(spool, sessions, JobSignal(), 0).store(_rec(), b"DATA")
+    assert _counts(sessions) == (0, 0)
+
+
+def test_association_log(sessions) -> None:
+    log = AssociationLog(sessions)
+    a = log.open("SCU", "GRADCAM", "127.0.0.1", 5, AssociationStatus.ACCEPTED)
+    log.count_failure(a)
+    log.close(a, AssociationStatus.ABORTED, CONN_CLOSED_REASON)  # a guess from the closed connection...
+    log.close(a, AssociationStatus.RELEASED)  # ...corrected by the real release
+    log.close(a, AssociationStatus.ABORTED, "A-ABORT")  # an ended association stays ended
+    r = log.open("BAD", "GRADCAM", "127.0.0.1", 6, AssociationStatus.REJECTED, reason="not allowed")
+    with sessions() as s:
+        row = s.get(Association, a)
+        assert (row.status, row.reason, row.n_failed) == (AssociationStatus.RELEASED, None, 1)
+        assert row.ended_at is not None and row.ended_at >= row.started_at
+        rej = s.get(Association, r)
+        assert rej.status is AssociationStatus.REJECTED and rej.ended_at is not None
