@@ -166,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if not args.debug:
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        # Our own handlers log every association, store and send once; the libraries would repeat them.
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
         return _dispatch(args)
     except KeyboardInterrupt:

@@ -7,7 +7,6 @@ the sender, then the engine is disposed.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import signal
 import threading
@@ -21,6 +20,8 @@ from node.config import Settings
 from node.db import create_schema, make_engine, recover, session_factory
 from node.queue import JobSignal
 from node.scp import start_scp
+from node.sender import Sender
+from node.worker import Worker
 
 __all__ = ["serve"]
 
@@ -28,19 +29,6 @@ log = logging.getLogger("node.service")
 
 _ASSOC_DRAIN_S = 10.0  # running associations get this long to finish at shutdown
 _JOIN_TIMEOUT_S = 600.0  # a batch of CPU inference can take a while; never hang forever on exit
-
-
-def _optional(module: str, cls: str, *args: Any) -> Any | None:
-    """Instantiate ``module.cls(*args)``; None (receive-only) while a part of the node is not written yet."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        # Only our own missing modules mean "not there yet"; a missing third-party package is an error.
-        if exc.name and exc.name.split(".")[0] == "node":
-            log.warning("%s unavailable (%s): running receive-only", module, exc)
-            return None
-        raise
-    return getattr(mod, cls)(*args)
 
 
 def _install_signals(stop: threading.Event) -> dict[int, Any]:
@@ -58,11 +46,10 @@ def _start_threads(settings: Settings, sessions: sessionmaker) -> tuple[Any, Any
     job_signal, send_signal = JobSignal(), JobSignal()
     models = ", ".join(m.name for m in settings.core.enabled_models)
     log.info("loading models (%s); this can take a few seconds", models)
-    worker = _optional("node.worker", "Worker", settings, sessions, job_signal, send_signal)
-    sender = _optional("node.sender", "Sender", settings, sessions, send_signal)
-    for part in (worker, sender):
-        if part is not None:
-            part.start()
+    worker = Worker(settings, sessions, job_signal, send_signal)
+    sender = Sender(settings, sessions, send_signal)
+    worker.start()
+    sender.start()
     return worker, sender, job_signal
 
 
