@@ -18,20 +18,32 @@ from gradcam.results import AnalysisResult, ModelResult
 __all__ = ["Analyzer", "cam_to_source"]
 
 
+def _refine(values: np.ndarray, i: int) -> float:
+    """Sub-cell offset of a maximum at ``i`` from a parabola through it and its neighbours."""
+    if i == 0 or i == len(values) - 1:
+        return 0.0
+    left, mid, right = float(values[i - 1]), float(values[i]), float(values[i + 1])
+    curvature = left - 2.0 * mid + right
+    return float(np.clip(0.5 * (left - right) / curvature, -0.5, 0.5)) if curvature < 0 else 0.0
+
+
 def cam_to_source(cam: np.ndarray, height: int, width: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Upsample a raw CAM to source resolution, scale to [0, 1] by its maximum; return it and its peak.
 
-    The peak is taken on the low-resolution map and mapped to the centre of its cell, so that an all-equal
-    map does not point at a corner by accident of interpolation.
+    The peak is found on the low-resolution map and refined between cells by a parabola through the
+    maximum and its neighbours (row and column apart), then mapped to source pixels; an all-equal map
+    points at the centre of its first cell rather than at an interpolation artefact.
     """
     cam = np.asarray(cam, np.float32)
     top = float(cam.max())
     scaled = cam / top if top > 0 else np.zeros_like(cam)
     full = cv2.resize(scaled, (width, height), interpolation=cv2.INTER_LINEAR)
     r, c = np.unravel_index(int(np.argmax(scaled)), scaled.shape)
+    dr, dc = _refine(scaled[:, c], int(r)), _refine(scaled[r, :], int(c))
+    h, w = scaled.shape
     peak = (
-        min(height - 1, int((r + 0.5) * height / scaled.shape[0])),
-        min(width - 1, int((c + 0.5) * width / scaled.shape[1])),
+        int(np.clip((r + 0.5 + dr) * height / h, 0, height - 1)),
+        int(np.clip((c + 0.5 + dc) * width / w, 0, width - 1)),
     )
     return np.clip(full, 0.0, 1.0).astype(np.float32), peak
 

@@ -220,6 +220,22 @@ class CamEngine:
         with torch.inference_mode():
             return self.model(x).reshape(-1)
 
+    def traced_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(target-layer activations, logits)`` from the traced model (fast path only)."""
+        if self._fast is None:
+            raise RuntimeError("no closed-form path for this architecture")
+        return self._fast(x)
+
+    def closed_form_cam(self, act: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        """Grad-CAM from activations alone: ``relu(sum_c sign * dy/dA_c-mean * A_c)``."""
+        assert self._head is not None
+        h, w = act.shape[-2:]
+        weights = self._head.linear.weight.reshape(1, -1, 1, 1) / (h * w)
+        if self._head.relu:
+            share = (act > 0).sum(dim=(2, 3), keepdim=True).to(act.dtype) / (h * w)
+            weights = weights * share
+        return F.relu((weights * signs.reshape(-1, 1, 1, 1) * act).sum(dim=1))
+
     def run(self, x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits (N,), cams (N, h, w))``; CAMs are ReLU'd, not normalised."""
         if self._fast is None or self._head is None:
@@ -227,11 +243,5 @@ class CamEngine:
         with torch.inference_mode():
             act, logits = self._fast(x)
             logits = logits.reshape(-1)
-            h, w = act.shape[-2:]
-            weights = self._head.linear.weight.reshape(1, -1, 1, 1) / (h * w)
-            if self._head.relu:
-                share = (act > 0).sum(dim=(2, 3), keepdim=True).to(act.dtype) / (h * w)
-                weights = weights * share
-            weights = weights * target_signs(logits, threshold).reshape(-1, 1, 1, 1)
-            cams = F.relu((weights * act).sum(dim=1))
+            cams = self.closed_form_cam(act, target_signs(logits, threshold))
         return logits, cams

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradcam.cam import CamEngine
 from gradcam.config import CoreConfig, ModelConfig
 from gradcam.datasets import Sample, load_samples, split_samples
 from gradcam.metrics import roc_auc
@@ -35,6 +36,7 @@ class TrainOptions:
     weight_decay: float = 1e-4
     device: str = "auto"
     val_fraction: float = 0.2
+    cam_guidance: float = 0.0
 
 
 def pick_device(name: str) -> torch.device:
@@ -60,28 +62,59 @@ def load_split(data: Path, val_fraction: float, seed: int) -> tuple[list[Sample]
     return train_set, val_set
 
 
-def _preload(samples: Sequence[Sample], size: int, max_pixels: int) -> np.ndarray:
-    """Every image once, display-ready grey at the model's input size (float16 to save memory)."""
+def _preload(samples: Sequence[Sample], size: int, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every image once, display-ready grey at the model's input size (float16 to save memory), and
+    its lesion boxes painted as a mask at the same size (zeros where there are none)."""
     out = np.empty((len(samples), size, size), np.float16)
+    boxes = np.zeros((len(samples), size, size), np.float16)
     for i, s in enumerate(samples):
         img = load_image(s.path, max_pixels)
         out[i] = cv2.resize(img.pixels, (size, size), interpolation=cv2.INTER_AREA)
-    return out
+        for x0, y0, x1, y1 in s.boxes:
+            sx, sy = size / img.width, size / img.height
+            boxes[i, round(y0 * sy) : round(y1 * sy), round(x0 * sx) : round(x1 * sx)] = 1.0
+    return out, boxes
 
 
-def _augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Small affine (rotation, scale, shift), exposure and noise jitter. No flips: anatomy is sided."""
+def _augment(
+    img: np.ndarray, box_mask: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Small affine (rotation, scale, shift), exposure and noise jitter; the box mask follows the
+    geometry. No flips: anatomy is sided."""
     size = img.shape[0]
     angle = rng.uniform(-7, 7)
     scale = rng.uniform(0.9, 1.1)
     m = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
     m[:, 2] += rng.uniform(-0.06, 0.06, 2) * size
     out = cv2.warpAffine(img.astype(np.float32), m, (size, size), borderMode=cv2.BORDER_REFLECT)
+    mask = (
+        cv2.warpAffine(box_mask.astype(np.float32), m, (size, size), borderValue=0.0)
+        if box_mask.any()
+        else (box_mask.astype(np.float32))
+    )
     gamma = math.exp(rng.uniform(-0.25, 0.25))
     out = np.clip(out, 0, 1) ** gamma
     out = out * rng.uniform(0.85, 1.15) + rng.uniform(-0.08, 0.08)
     out += rng.normal(0, rng.uniform(0, 0.03), out.shape).astype(np.float32)
-    return np.clip(out, 0, 1).astype(np.float32)
+    return np.clip(out, 0, 1).astype(np.float32), mask
+
+
+def _guidance_loss(
+    engine: CamEngine, x: torch.Tensor, masks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits, and for images with lesion boxes the share of the (positive-target) CAM outside them.
+
+    Only phantom folders have boxes: this teaches the model to look where the lesion is, so that its
+    Grad-CAM can be checked against ground truth. Real data sets without boxes train without it.
+    """
+    act, logits = engine.traced_forward(x)
+    cams = engine.closed_form_cam(act, torch.ones_like(logits.reshape(-1)))
+    has_box = masks.flatten(1).amax(dim=1) > 0
+    if not bool(has_box.any()):
+        return logits.reshape(-1), None
+    cover = torch.nn.functional.adaptive_avg_pool2d(masks.unsqueeze(1), cams.shape[-2:]).squeeze(1)
+    inside = (cams * cover).sum(dim=(1, 2)) / (cams.sum(dim=(1, 2)) + 1e-6)
+    return logits.reshape(-1), (1.0 - inside[has_box]).mean()
 
 
 def _to_tensor(batch: np.ndarray) -> torch.Tensor:
@@ -128,12 +161,17 @@ def train(cfg: ModelConfig, data: Path, out: Path, opts: TrainOptions, max_pixel
         f"on {device}",
         file=sys.stderr,
     )
-    x_train = _preload(train_set, size, max_pixels)
+    x_train, box_train = _preload(train_set, size, max_pixels)
     y_train = np.array([s.label for s in train_set], np.float32)
-    x_val = _preload(val_set, size, max_pixels)
+    x_val, _ = _preload(val_set, size, max_pixels)
     y_val = np.array([s.label for s in val_set], np.int64)
 
     model = build_model(cfg).to(device)
+    engine = CamEngine(model, cfg.target_layer) if opts.cam_guidance > 0 else None
+    if engine is not None and not engine.is_fast:
+        raise ValueError(
+            f"--cam-guidance needs a pooled linear head after {cfg.target_layer} ({cfg.builder})"
+        )
     optimiser = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     steps = opts.epochs * math.ceil(len(train_set) / opts.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -149,9 +187,17 @@ def train(cfg: ModelConfig, data: Path, out: Path, opts: TrainOptions, max_pixel
         t0, seen, running = time.perf_counter(), 0, 0.0
         for i in range(0, len(order), opts.batch_size):
             idx = order[i : i + opts.batch_size]
-            batch = np.stack([_augment(x_train[j], rng) for j in idx])
+            pairs = [_augment(x_train[j], box_train[j], rng) for j in idx]
+            batch = np.stack([p[0] for p in pairs])
             x, y = _to_tensor(batch).to(device), torch.from_numpy(y_train[idx]).to(device)
-            loss = loss_fn(model(x).reshape(-1), y)
+            if engine is not None:
+                masks = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device)
+                logits, outside = _guidance_loss(engine, x, masks)
+                loss = loss_fn(logits, y)
+                if outside is not None:
+                    loss = loss + opts.cam_guidance * outside
+            else:
+                loss = loss_fn(model(x).reshape(-1), y)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -203,10 +249,11 @@ def train(cfg: ModelConfig, data: Path, out: Path, opts: TrainOptions, max_pixel
         "seed": opts.seed,
         "batch_size": opts.batch_size,
         "lr": opts.lr,
+        "cam_guidance": opts.cam_guidance,
         "metrics": {"val_auc": best["val_auc"], "val_loss": best["val_loss"]},
         "history": history,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion would need unpickling to load
     }
     digest = save_checkpoint(model.cpu(), out, meta)
     print(

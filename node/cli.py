@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument(
+        "--cam-guidance",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="weight of a loss that keeps the Grad-CAM of positives inside their lesion boxes "
+        "(phantom folders only; 0 = off)",
+    )
     t.add_argument("--input-size", type=int, metavar="PX", help="override the model's configured input size")
     t.add_argument(
         "--val-fraction", type=float, default=0.2, help="phantom folders: share held out for validation"
