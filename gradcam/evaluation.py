@@ -140,18 +140,28 @@ def draw_roc(ev: ModelEvaluation, curve: list[RocPoint], path: Path, size: int =
     cv2.imwrite(str(path), img)
 
 
+def _toml_key(part: str) -> str:
+    """Regex for one TOML key part written bare, "basic"-quoted or 'literal'-quoted."""
+    e = re.escape(part)
+    return rf"(?:{e}|\"{e}\"|'{e}')"
+
+
 def write_thresholds(config_path: Path, thresholds: dict[str, float]) -> None:
     """Replace ``threshold = ...`` inside each ``[models.NAME]`` table, keeping comments and layout."""
     text = config_path.read_text()
+    key = re.compile(rf"^([ \t]*{_toml_key('threshold')}[ \t]*=[ \t]*)[^\s#]+", re.M)
     for name, value in thresholds.items():
-        header = re.compile(rf"^\[models\.{re.escape(name)}\]\s*$", re.M)
+        header = re.compile(
+            rf"^[ \t]*\[[ \t]*{_toml_key('models')}[ \t]*\.[ \t]*{_toml_key(name)}[ \t]*\][ \t]*(?:#.*)?$",
+            re.M,
+        )
         m = header.search(text)
         if not m:
             raise ValueError(f"{config_path}: no [models.{name}] table to update")
-        end = re.compile(r"^\[", re.M).search(text, m.end())
+        end = re.compile(r"^[ \t]*\[", re.M).search(text, m.end())
         stop = end.start() if end else len(text)
         body = text[m.end() : stop]
-        new_body, n = re.subn(r"^(threshold\s*=\s*)[^\s#]+", rf"\g<1>{value:.4f}", body, count=1, flags=re.M)
+        new_body, n = key.subn(rf"\g<1>{value:.4f}", body, count=1)
         if n == 0:
             new_body = body.rstrip("\n") + f"\nthreshold = {value:.4f}\n" + ("\n" if end else "")
         text = text[: m.end()] + new_body + text[stop:]

@@ -18,7 +18,7 @@ import pydicom.multival
 import torch
 from PIL import Image
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 
 from gradcam.config import ModelConfig, Window
 from gradcam.errors import (
@@ -89,13 +89,26 @@ def _first(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+def _voi_lut_table(item: pydicom.Dataset) -> tuple[np.ndarray, int]:
+    """``(LUT values as float32, first stored value mapped)`` of a VOI LUT item (LUT Data US or OW)."""
+    entries, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
+    data = item.LUTData
+    if isinstance(data, bytes):  # OW: 16-bit words, little endian (big endian syntaxes are retired)
+        values = np.frombuffer(data[: 2 * (len(data) // 2)], "<u2")
+    else:
+        values = np.atleast_1d(np.asarray(data))
+    if values.size == 0:
+        raise ValueError("empty LUT Data")
+    return values[:entries].astype(np.float32), first
+
+
 def _header_voi(modality: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
     """The header's VOI transform to [0, 1]: VOI LUT Sequence, else the first window; None if neither."""
     if "VOILUTSequence" in ds:
-        lut_item = ds.VOILUTSequence[0]
-        out = np.asarray(apply_voi_lut(modality, ds, prefer_lut=True), dtype=np.float32)
-        lut = np.asarray(lut_item.LUTData, dtype=np.float32)
-        return _to_unit(out, float(lut.min()), float(lut.max()))
+        lut, first = _voi_lut_table(ds.VOILUTSequence[0])
+        # Our own lookup: pydicom's apply_voi_lut indexes an 8-bit LUT with uint8 (wraps beyond 256 entries).
+        index = np.clip(np.round(modality) - first, 0, lut.size - 1).astype(np.int64)
+        return _to_unit(lut[index], float(lut.min()), float(lut.max()))
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None
     center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
@@ -185,8 +198,14 @@ def load_dataset_image(ds: pydicom.Dataset, max_pixels: int, source: str = "") -
 
 
 def _read_dicom(path: Path) -> pydicom.Dataset | None:
+    forced = path.suffix.lower() in _DICOM_SUFFIXES and path.suffix != ""
     try:
-        return pydicom.dcmread(path, force=path.suffix.lower() in _DICOM_SUFFIXES and path.suffix != "")
+        ds = pydicom.dcmread(path, force=forced)
+        # force=True "parses" any bytes (a text file named .dcm); without a preamble, only a dataset
+        # that looks like an image object counts as DICOM.
+        if forced and ds.preamble is None and "SOPClassUID" not in ds and "PixelData" not in ds:
+            return None
+        return ds
     except InvalidDicomError:
         return None
     except (OSError, EOFError, ValueError, TypeError, AttributeError, KeyError) as exc:

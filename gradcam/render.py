@@ -12,6 +12,7 @@ from gradcam.results import DISCLAIMER, ModelResult
 __all__ = ["render_overlay", "caption_lines"]
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
+_MIN_SIDE = 512
 
 
 def caption_lines(result: ModelResult) -> list[str]:
@@ -34,10 +35,15 @@ def render_overlay(image: SourceImage, result: ModelResult, cfg: RenderConfig) -
     Returns uint8 RGB, shape (H + band, W, 3).
     """
     h, w = image.height, image.width
+    # Small images are enlarged (up to 512 px, within max_side) so the caption stays legible.
     scale = min(1.0, cfg.max_side / max(h, w))
+    if max(h, w) < _MIN_SIDE:
+        scale = min(_MIN_SIDE, cfg.max_side) / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    grey = cv2.resize(image.pixels, size, interpolation=cv2.INTER_AREA) if scale < 1 else image.pixels
-    cam = cv2.resize(result.cam, size, interpolation=cv2.INTER_LINEAR) if scale < 1 else result.cam
+    grey, cam = image.pixels, result.cam
+    if scale != 1.0:
+        grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        cam = cv2.resize(cam, size, interpolation=cv2.INTER_LINEAR)
     base = cv2.cvtColor((np.clip(grey, 0, 1) * 255).astype(np.uint8), cv2.COLOR_GRAY2RGB)
     heat = cv2.applyColorMap((np.clip(cam, 0, 1) * 255).astype(np.uint8), COLORMAPS[cfg.colormap])
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)

@@ -52,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deterministic synthetic chest X-ray phantoms with labelled consolidations "
         "(labels.csv, masks). Synthetic data only: never patient data.",
     )
-    ph.add_argument("--out", required=True, metavar="DIR")
-    ph.add_argument("--count", type=int, required=True, metavar="N")
-    ph.add_argument("--seed", type=int, required=True, metavar="S")
-    ph.add_argument("--positive-fraction", type=float, default=0.5, metavar="F")
-    ph.add_argument("--format", choices=("png", "dicom", "both"), default="png")
+    ph.add_argument("--out", required=True, metavar="DIR", help="output folder (images/, masks/, labels.csv)")
+    ph.add_argument("--count", type=int, required=True, metavar="N", help="number of images")
+    ph.add_argument("--seed", type=int, required=True, metavar="S", help="same seed, same images")
+    ph.add_argument(
+        "--positive-fraction", type=float, default=0.5, metavar="F", help="share of images with lesions"
+    )
+    ph.add_argument(
+        "--format", choices=("png", "dicom", "both"), default="png", help="16-bit PNG, DX/CR DICOM, or both"
+    )
 
     t = sub.add_parser(
         "train",
@@ -112,15 +116,34 @@ def build_parser() -> argparse.ArgumentParser:
         "SIGTERM or SIGINT.",
     )
 
-    j = sub.add_parser("jobs", help="list received instances, jobs, results and sends")
-    j.add_argument("--limit", type=int, default=20, metavar="N")
-    j.add_argument("--status", metavar="S", help="only jobs in this state")
-    j.add_argument("--json", action="store_true")
+    j = sub.add_parser(
+        "jobs",
+        help="list received instances, jobs, results and sends",
+        description="Recent jobs from the node's database, newest first: the instance, the calling AE, "
+        "the job state and reason, each model's probability and decision, the consensus and the send.",
+    )
+    j.add_argument("--limit", type=int, default=20, metavar="N", help="at most N jobs (default 20)")
+    j.add_argument(
+        "--status", metavar="S", help="only jobs in this state (queued, running, done, failed, skipped)"
+    )
+    j.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    ec = sub.add_parser("echo", help="C-ECHO a configured destination")
+    ec = sub.add_parser(
+        "echo",
+        help="C-ECHO a configured destination",
+        description="Open an association to a [[destinations]] entry with the node's AE title and send a "
+        "C-ECHO: checks the network path, the AE titles and the peer's configuration. Exit code 0 if it "
+        "answered with success.",
+    )
     ec.add_argument("destination", metavar="DEST", help="destination name from [[destinations]]")
 
-    sub.add_parser("demo", help="start Orthanc and the node locally, send phantom studies, show the results")
+    sub.add_parser(
+        "demo",
+        help="start Orthanc and the node locally, send phantom studies, show the results",
+        description="Start Debian's Orthanc and the node on this machine, send a few synthetic phantom "
+        "studies to Orthanc, which routes them to the node, wait for the heatmaps and reports to "
+        "arrive back in Orthanc, and print where to look. Ctrl-C stops both.",
+    )
     return p
 
 
