@@ -137,13 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ec.add_argument("destination", metavar="DEST", help="destination name from [[destinations]]")
 
-    sub.add_parser(
+    d = sub.add_parser(
         "demo",
         help="start Orthanc and the node locally, send phantom studies, show the results",
         description="Start Debian's Orthanc and the node on this machine, send a few synthetic phantom "
         "studies to Orthanc, which routes them to the node, wait for the heatmaps and reports to "
         "arrive back in Orthanc, and print where to look. Ctrl-C stops both.",
     )
+    d.add_argument("--exit", action="store_true", help="stop Orthanc and the node after the summary")
     return p
 
 
@@ -185,7 +186,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "demo":
         from node.demo import run_demo
 
-        return run_demo(settings)
+        return run_demo(settings, keep_running=not args.exit)
     raise AssertionError(cmd)
 
 

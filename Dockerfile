@@ -1,0 +1,50 @@
+# gradcam-node image: the DICOM node (C-STORE in, Secondary Capture + SR out) on CPU.
+# AI research output, NOT for diagnostic use.
+#
+#   docker compose up -d          (see docker-compose.yml; Orthanc + this node)
+#   docker build -t gradcam-node .
+#
+# Nothing is downloaded at run time: the model weights are the files in checkpoints/ (copied here and, in
+# docker-compose.yml, mounted read-only over /app/checkpoints so new weights need no rebuild).
+# The node reads /app/config/docker.toml (GRADCAM_NODE_CONFIG); its spool and SQLite database live in the
+# volume /app/var. It listens on 11112 (DICOM) as AE GRADCAM.
+
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# CPU builds of torch/torchvision first (their own index; the default PyPI wheels carry CUDA libraries).
+RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu
+
+WORKDIR /app
+
+# The package itself (its other dependencies come from PyPI; torch is already satisfied).
+COPY pyproject.toml README.md ./
+COPY gradcam ./gradcam
+COPY node ./node
+RUN pip install . && rm -rf build *.egg-info
+
+COPY config ./config
+COPY checkpoints ./checkpoints
+
+RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin gradcam \
+    && mkdir -p /app/var \
+    && chown -R gradcam:gradcam /app/var
+USER gradcam
+
+ENV GRADCAM_NODE_CONFIG=/app/config/docker.toml
+VOLUME ["/app/var"]
+EXPOSE 11112
+
+# C-ECHO to the node itself as AE HEALTHCHECK (listed in docker.toml's allowed_calling_aets).
+HEALTHCHECK --interval=30s --timeout=15s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import sys; from pynetdicom import AE; ae = AE(ae_title='HEALTHCHECK'); ae.add_requested_context('1.2.840.10008.1.1'); a = ae.associate('127.0.0.1', 11112, ae_title='GRADCAM'); s = a.send_c_echo() if a.is_established else None; a.is_established and a.release(); sys.exit(0 if s and s.Status == 0 else 1)"]
+
+# SIGTERM (docker stop) ends the node cleanly: the association in progress finishes, queued work stays in
+# the database and resumes at the next start.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["gradcam-node"]
+CMD ["serve"]

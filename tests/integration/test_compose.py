@@ -1,0 +1,333 @@
+"""docker-compose.yml, the Dockerfile and the configurations agree with each other.
+
+There is no Docker engine in CI, so nothing is built or started; instead every value that one file relies on
+in another (services, ports, AE titles, paths, volumes, the Lua script's location, health checks) is checked,
+and the health-check commands are run for real against local peers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from node.config import load_settings
+from node.demo import (
+    ORTHANC_CONFIG,
+    ORTHANC_LUA,
+    derived_node_config,
+    free_port,
+    load_orthanc_config,
+    local_orthanc_config,
+    lua_setting,
+    strip_json_comments,
+)
+from node.outputs import MANUFACTURER
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKER_TOML = ROOT / "config" / "docker.toml"
+NODE_TOML = ROOT / "config" / "node.toml"
+ORTHANC_SERVICE = "orthanc"
+NODE_SERVICE = "gradcam-node"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    yaml = pytest.importorskip("yaml", reason="PyYAML reads docker-compose.yml (test extra 'pyyaml')")
+    data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict) and "services" in data
+    return data
+
+
+@pytest.fixture(scope="module")
+def orthanc_cfg() -> dict[str, Any]:
+    return load_orthanc_config(ORTHANC_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    out = []
+    for line in joined.splitlines():
+        if line.strip():
+            instr, _, args = line.strip().partition(" ")
+            out.append((instr.upper(), args.strip()))
+    return out
+
+
+def _volumes(service: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Container path -> (source, mode) of a service's short-syntax volumes."""
+    out = {}
+    for v in service.get("volumes", []):
+        parts = v.split(":")
+        source, target = parts[0], parts[1]
+        out[target] = (source, parts[2] if len(parts) > 2 else "rw")
+    return out
+
+
+def _container_ports(service: dict[str, Any]) -> set[int]:
+    return {int(str(p).split(":")[-1].split("/")[0]) for p in service.get("ports", [])}
+
+
+def _node_modality(orthanc_cfg: dict[str, Any]) -> dict[str, Any]:
+    name = lua_setting(ORTHANC_LUA.read_text(encoding="utf-8"), "NODE_MODALITY")
+    return orthanc_cfg["DicomModalities"][name]
+
+
+def _healthcheck_code(test: list[str]) -> str:
+    assert test[0] == "CMD" and test[2] == "-c", test
+    return test[3]
+
+
+def test_services_and_images(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {ORTHANC_SERVICE, NODE_SERVICE}
+    image = services[ORTHANC_SERVICE]["image"]
+    assert re.fullmatch(r"orthancteam/orthanc:\d+\.\d+\.\d+", image), f"pin Orthanc's image tag: {image}"
+    node = services[NODE_SERVICE]
+    assert node["build"] in (".", {"context": "."}) and DOCKERFILE.is_file()
+    for name in (ORTHANC_SERVICE, NODE_SERVICE):
+        assert services[name].get("restart") == "unless-stopped"
+        assert "healthcheck" in services[name]
+    named = set(compose.get("volumes", {}))
+    for svc in services.values():
+        for source, _ in _volumes(svc).values():
+            if not source.startswith(("./", "/")):
+                assert source in named, f"volume {source} is not declared at top level"
+
+
+def test_orthanc_service_matches_orthanc_json(compose: dict[str, Any], orthanc_cfg: dict[str, Any]) -> None:
+    svc = compose["services"][ORTHANC_SERVICE]
+    assert _container_ports(svc) == {orthanc_cfg["DicomPort"], orthanc_cfg["HttpPort"]}
+    documented = (4242, 8042, "ORTHANC")  # the ports and AE title the README and the demo announce
+    assert (orthanc_cfg["DicomPort"], orthanc_cfg["HttpPort"], orthanc_cfg["DicomAet"]) == documented
+    vols = _volumes(svc)
+    assert vols["/etc/orthanc/orthanc.json"] == ("./config/orthanc/orthanc.json", "ro")
+    lua_targets = orthanc_cfg["LuaScripts"]
+    assert len(lua_targets) == 1 and vols[lua_targets[0]] == ("./config/orthanc/autorouting.lua", "ro")
+    # storage on a named volume, where orthanc.json puts both the files and the index
+    assert orthanc_cfg["StorageDirectory"] == orthanc_cfg["IndexDirectory"]
+    source, mode = vols[orthanc_cfg["StorageDirectory"]]
+    assert mode == "rw" and not source.startswith(("./", "/"))
+    # reachable through the docker bridge, and then never without a login
+    assert orthanc_cfg["RemoteAccessAllowed"] is True and orthanc_cfg["AuthenticationEnabled"] is True
+    assert orthanc_cfg["RegisteredUsers"]
+    # Orthanc's image has no "Plugins" key of ours to clash with
+    assert "Plugins" not in orthanc_cfg
+
+
+def test_node_service_matches_docker_toml(compose: dict[str, Any], dockerfile: list[tuple[str, str]]) -> None:
+    svc = compose["services"][NODE_SERVICE]
+    settings = load_settings(DOCKER_TOML)
+    command = svc["command"]
+    config_path = command[command.index("--config") + 1]
+    assert command[-1] == "serve"
+    vols = _volumes(svc)
+    assert vols[config_path] == ("./config/docker.toml", "ro")
+    env = dict(a.split("=", 1) for instr, a in dockerfile if instr == "ENV" and a.startswith("GRADCAM_NODE"))
+    assert env == {"GRADCAM_NODE_CONFIG": config_path}
+    assert settings.node.bind == "0.0.0.0"
+    assert _container_ports(svc) == {settings.node.port}
+    exposed = {int(a) for instr, a in dockerfile if instr == "EXPOSE"}
+    assert exposed == {settings.node.port}
+    # spool and database on the var volume
+    var_target = next(t for t, (s, _) in vols.items() if not s.startswith(("./", "/")))
+    var = PurePosixPath(var_target)
+    assert PurePosixPath(settings.node.storage_dir).is_relative_to(var)
+    assert settings.node.database_url.startswith("sqlite:///")
+    assert PurePosixPath(settings.node.database_url.removeprefix("sqlite:///")).is_relative_to(var)
+    # weights from the mounted checkpoints folder, read-only
+    ckpt_target = next(t for t, (s, _) in vols.items() if s == "./checkpoints")
+    assert vols[ckpt_target][1] == "ro"
+    for m in settings.core.models:
+        assert PurePosixPath(m.checkpoint).parent == PurePosixPath(ckpt_target), m
+
+
+def test_node_and_orthanc_point_at_each_other(orthanc_cfg: dict[str, Any]) -> None:
+    lua = ORTHANC_LUA.read_text(encoding="utf-8")
+    modality = _node_modality(orthanc_cfg)
+    for path, host in ((DOCKER_TOML, ORTHANC_SERVICE), (NODE_TOML, "127.0.0.1")):
+        s = load_settings(path)
+        dest = s.destination(s.default_destination or "")
+        # results go back to Orthanc's AE title and DICOM port
+        orthanc_address = (orthanc_cfg["DicomAet"], host, orthanc_cfg["DicomPort"])
+        assert (dest.ae_title, dest.host, dest.port) == orthanc_address
+        # Orthanc routes to the node's AE title and port; the Lua script knows the AE of returned results
+        assert (modality["AET"], modality["Port"]) == (s.node.ae_title, s.node.port), path
+        assert lua_setting(lua, "NODE_AET") == s.node.ae_title
+        # when the node restricts callers, Orthanc (which calls with its DicomAet) is allowed
+        if s.node.allowed_calling_aets:
+            assert orthanc_cfg["DicomAet"] in s.node.allowed_calling_aets
+    # the script also recognises the node's outputs by their Manufacturer
+    assert lua_setting(lua, "NODE_MANUFACTURER") == MANUFACTURER
+    assert modality["Host"] == NODE_SERVICE
+    assert modality["AllowStore"] is True  # the node's results are stored through this entry
+    # only listed modalities may store, and the node is one of them
+    assert orthanc_cfg["DicomAlwaysAllowStore"] is False
+
+
+def test_docker_models_equal_default_models() -> None:
+    """The image runs the same models with the same thresholds as the default configuration."""
+    docker = tomllib.loads(DOCKER_TOML.read_text(encoding="utf-8"))
+    default = tomllib.loads(NODE_TOML.read_text(encoding="utf-8"))
+    assert docker["models"].keys() == default["models"].keys()
+    for name, table in default["models"].items():
+        d = dict(docker["models"][name])
+        assert PurePosixPath(d.pop("checkpoint")).name == PurePosixPath(table["checkpoint"]).name
+        assert d == {k: v for k, v in table.items() if k != "checkpoint"}, name
+    for section in ("worker", "outputs", "outbox", "preprocess", "render"):
+        assert docker.get(section) == default.get(section), section
+
+
+def test_dockerfile(dockerfile: list[tuple[str, str]]) -> None:
+    instrs = [i for i, _ in dockerfile]
+    args = {i: [a for j, a in dockerfile if j == i] for i in set(instrs)}
+    assert args["FROM"] == ["python:3.11-slim"]
+    runs = " ".join(args["RUN"])
+    assert "--index-url https://download.pytorch.org/whl/cpu" in runs and "pip install ." in runs
+    copied = {shlex.split(a)[0] for a in args["COPY"]}
+    assert {"config", "checkpoints", "gradcam", "node", "pyproject.toml"} <= copied
+    # weights are never downloaded: no fetch tools, no URL other than the CPU wheel index
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert not re.search(r"\b(curl|wget)\b", text)
+    assert set(re.findall(r"https?://\S+", text)) == {"https://download.pytorch.org/whl/cpu"}
+    assert args["USER"] and args["USER"][0] != "root"
+    assert args["ENTRYPOINT"] == ['["gradcam-node"]'] and args["CMD"] == ['["serve"]']
+    ignored = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert not ignored & {"config", "checkpoints", "gradcam", "node", "pyproject.toml", "README.md"}
+
+
+def test_node_healthcheck_is_the_dockerfile_one_and_echoes(
+    compose: dict[str, Any], dockerfile: list[tuple[str, str]]
+) -> None:
+    """The node's health check C-ECHOes the node: run it for real against a Verification SCP."""
+    settings = load_settings(DOCKER_TOML)
+    compose_code = _healthcheck_code(compose["services"][NODE_SERVICE]["healthcheck"]["test"])
+    hc = next(a for i, a in dockerfile if i == "HEALTHCHECK")
+    assert compose_code in hc
+    calling = re.search(r"AE\(ae_title='([^']+)'\)", compose_code)
+    assert calling and calling.group(1) in settings.node.allowed_calling_aets
+    assert f"ae_title='{settings.node.ae_title}'" in compose_code
+    assert f"'127.0.0.1', {settings.node.port}," in compose_code
+
+    port = free_port()
+    code = compose_code.replace(f"'127.0.0.1', {settings.node.port},", f"'127.0.0.1', {port},")
+    seen: list[str] = []
+
+    def on_echo(event: evt.Event) -> int:
+        seen.append(event.assoc.requestor.ae_title)
+        return 0x0000
+
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.add_supported_context(Verification)
+    ae.require_called_aet = True
+    scp = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, on_echo)])
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert seen == [calling.group(1)]
+    finally:
+        scp.shutdown()
+    # and it fails when nothing answers
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+
+
+def test_orthanc_healthcheck_probes_both_ports(compose: dict[str, Any], orthanc_cfg: dict[str, Any]) -> None:
+    """The Orthanc health check connects to the DICOM and HTTP ports: passes on listeners, fails without."""
+    import socket
+
+    code = _healthcheck_code(compose["services"][ORTHANC_SERVICE]["healthcheck"]["test"])
+    wanted = (orthanc_cfg["DicomPort"], orthanc_cfg["HttpPort"])
+    assert f"for p in {wanted}" in code
+    listeners = []
+    for _ in wanted:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        listeners.append(s)
+    local = tuple(s.getsockname()[1] for s in listeners)
+    try:
+        ok = subprocess.run([sys.executable, "-c", code.replace(str(wanted), str(local))], timeout=30)
+        assert ok.returncode == 0
+        listeners.pop().close()
+        bad = subprocess.run(
+            [sys.executable, "-c", code.replace(str(wanted), str(local))], capture_output=True, timeout=30
+        )
+        assert bad.returncode != 0
+    finally:
+        for s in listeners:
+            s.close()
+
+
+def test_json_comments_are_stripped_outside_strings() -> None:
+    text = '/* head */ {"a": "x//y", // c\n "b": "/*z*/", "c": "q\\"/*"} /* tail'
+    with pytest.raises(ValueError, match="unterminated"):
+        strip_json_comments(text)
+    assert json.loads(strip_json_comments(text + " */")) == {"a": "x//y", "b": "/*z*/", "c": 'q"/*'}
+
+
+def test_local_orthanc_config_changes_only_the_local_values(
+    tmp_path: Path, orthanc_cfg: dict[str, Any]
+) -> None:
+    """What the demo, the tests and the bench run is the deployed orthanc.json with local values only."""
+    local = local_orthanc_config(
+        dicom_port=1111, http_port=2222, storage_dir=tmp_path, lua_path=tmp_path / "r.lua", node_port=3333
+    )
+    changed = {k for k in local.keys() | orthanc_cfg.keys() if local.get(k) != orthanc_cfg.get(k)}
+    assert changed == {
+        "DicomPort",
+        "HttpPort",
+        "StorageDirectory",
+        "IndexDirectory",
+        "LuaScripts",
+        "RemoteAccessAllowed",
+        "AuthenticationEnabled",
+        "RegisteredUsers",
+        "DicomCheckModalityHost",
+        "DicomModalities",
+    }
+    assert (local["RemoteAccessAllowed"], local["AuthenticationEnabled"]) == (False, False)
+    assert local["DicomCheckModalityHost"] is True
+    node = _node_modality(local)
+    assert (node["Host"], node["Port"], node["AET"]) == (
+        "127.0.0.1",
+        3333,
+        _node_modality(orthanc_cfg)["AET"],
+    )
+    assert {m["Host"] for m in local["DicomModalities"].values()} == {"127.0.0.1"}
+
+
+@pytest.mark.parametrize("path", [NODE_TOML, DOCKER_TOML], ids=["node.toml", "docker.toml"])
+def test_derived_node_config_round_trips(tmp_path: Path, path: Path) -> None:
+    """The demo and the bench rewrite node configurations: nothing but the overridden values changes."""
+    original = load_settings(path)
+    out = derived_node_config(path, tmp_path / "derived.toml", {"node": {"port": 12345}})
+    derived = load_settings(out)
+    assert derived.node == replace(original.node, port=12345)
+    assert derived.core.models == original.core.models
+    assert (derived.core.preprocess, derived.core.render) == (original.core.preprocess, original.core.render)
+    assert (derived.worker, derived.outputs, derived.outbox) == (
+        original.worker,
+        original.outputs,
+        original.outbox,
+    )
+    assert (derived.destinations, derived.default_destination) == (
+        original.destinations,
+        original.default_destination,
+    )
