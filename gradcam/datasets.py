@@ -17,6 +17,7 @@ __all__ = ["Sample", "load_samples", "split_samples", "parse_boxes"]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
 _CLASSES = {"normal": 0, "pneumonia": 1}
+_SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,15 @@ def _from_image_folder(root: Path, split: str) -> list[Sample]:
 def load_samples(root: Path, split: str | None = None) -> list[Sample]:
     """Samples of a phantom folder (``split`` ignored) or of one split of an ImageFolder data set."""
     root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a folder (expected labels.csv or train/NORMAL, train/PNEUMONIA, ...)")
     if (root / "labels.csv").is_file():
         return _from_csv(root)
-    if split not in ("train", "val", "test"):
+    if split not in _SPLITS:
+        layout = "an ImageFolder data set" if any((root / s).is_dir() for s in _SPLITS) else "neither layout"
         raise ValueError(
-            f"{root}: no labels.csv; for an ImageFolder data set name a split (train, val, test)"
+            f"{root}: no labels.csv ({layout}); expected labels.csv (file,label,mask,boxes) or "
+            f"{{train,val,test}}/NORMAL and .../PNEUMONIA with a split named (got split={split!r})"
         )
     return _from_image_folder(root, split)
 

@@ -39,8 +39,9 @@ def phantom_dataset(
 ) -> Dataset:
     """A complete DX (For Presentation) or CR dataset, file meta included, for one phantom.
 
-    ``body_part`` or ``view`` None leaves the attribute out. MONOCHROME1 stores inverted values, so the
-    displayed image is the same.
+    ``body_part`` or ``view`` None leaves the attribute out (for CR that breaks the IOD's type 2 rules on
+    purpose: inputs with missing attributes). MONOCHROME1 stores inverted values, so the displayed image is
+    the same.
     """
     if modality not in ("DX", "CR"):
         raise ValueError(f"modality: DX or CR, got {modality!r}")
@@ -121,13 +122,13 @@ def _dx_modules(ds: Dataset, view: str | None, photometric: str) -> None:
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
     ds.PixelIntensityRelationship = "LOG"
-    ds.PixelIntensityRelationshipSign = 1
+    # +1: higher values = more X-ray intensity (less attenuation), i.e. MONOCHROME1 as stored here.
+    ds.PixelIntensityRelationshipSign = 1 if photometric == "MONOCHROME1" else -1
     ds.ImageLaterality = "U"
     ds.DetectorType = "SCINTILLATOR"
     ds.PositionerType = "NONE"
-    ds.PatientPosition = "" if view is None else ""
+    ds.PatientPosition = ""  # type 2: unknown for a phantom
     ds.AnatomicRegionSequence = [_code("51185008", "SCT", "Thorax")]
-    ds.ViewCodeSequence = []
     if view == "PA":
         ds.ViewCodeSequence = [_code("399348003", "SCT", "postero-anterior")]
     elif view == "AP":
