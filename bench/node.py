@@ -1,0 +1,414 @@
+"""End-to-end benchmark of the node: storescu -> node (subprocess) -> destination.
+
+Sends N synthetic phantom instances with DCMTK's ``/usr/bin/storescu`` to a node started as a subprocess
+(the default configuration's models, with the committed demo checkpoints when they exist, else seeded
+random weights of the same architectures), which sends its SC and SR objects to a pynetdicom SCP in this
+process. Prints, against a floor measured in the same run on the same preprocessed images:
+
+* floor: ``1 / sum`` over the models of the per-image forward time at the worker's batch size (no
+  Grad-CAM, no decoding, no DICOM, no network): what the node could do if everything else were free;
+* throughput: instances per second from the first acknowledgement (``instances.received_at``) to the
+  last output received at the destination, and its ratio to the floor (the target is >= 0.8);
+* latency p50/p95: from an instance's acknowledgement to the arrival of its last output.
+
+Usage::
+
+    .venv/bin/python bench/node.py [--count 24] [--config config/node.toml]
+
+Synthetic data only. No assertions: this prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
+from pynetdicom import AE, evt  # noqa: E402
+from pynetdicom.sop_class import Verification  # noqa: E402
+from sqlalchemy import select  # noqa: E402
+
+from gradcam.config import ModelConfig  # noqa: E402
+from gradcam.models import build_model, load_model, save_checkpoint  # noqa: E402
+from gradcam.preprocess import load_image, to_model_input  # noqa: E402
+from node.config import load_settings  # noqa: E402
+from node.db import Instance, Job, JobStatus, Output, make_engine, session_factory  # noqa: E402
+
+__all__ = ["main"]
+
+STORESCU = Path("/usr/bin/storescu")
+SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- inputs ---------------------------------------------------------------------------------------------
+
+
+def _fallback_phantom(i: int, size: int) -> Dataset:
+    """A synthetic chest-like DX image (two darker lung fields, noise), 12 bits."""
+    rng = np.random.default_rng(i)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
+    lungs = np.exp(-(((xx - 0.3) ** 2 + (yy - 0.5) ** 2) / 0.04)) + np.exp(
+        -(((xx - 0.7) ** 2 + (yy - 0.5) ** 2) / 0.04)
+    )
+    img = (1.0 - 0.6 * lungs) * 3200 + rng.normal(0, 40, (size, size))
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = f"PHANTOM^{i:04d}"
+    ds.PatientID = f"PHANTOM-{i:04d}"
+    ds.Modality = "DX"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.clip(img, 0, 4095).astype(np.uint16).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def make_inputs(directory: Path, count: int, seed: int, size: int) -> tuple[list[Path], str]:
+    """``count`` phantom DICOM files: the project's phantom generator when present, else a local one."""
+    try:
+        from gradcam.phantoms import generate_dataset
+    except ImportError:
+        generate_dataset = None
+    if generate_dataset is not None:
+        generate_dataset(directory, count, seed, 0.5, "dicom", size=size)
+        files = sorted(directory.rglob("*.dcm"))
+        if len(files) >= count:
+            return files[:count], f"gradcam.phantoms {size}x{size}"
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(count):
+        path = directory / f"phantom_{i:04d}.dcm"
+        _fallback_phantom(seed * 100_000 + i, size).save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files, f"local {size}x{size} phantoms"
+
+
+def checkpoints_for(models: tuple[ModelConfig, ...], directory: Path) -> tuple[tuple[ModelConfig, ...], str]:
+    """The committed checkpoints where they exist; seeded random weights for the others."""
+    out, kinds = [], set()
+    for i, m in enumerate(models):
+        if m.checkpoint.is_file():
+            out.append(m)
+            kinds.add("committed")
+            continue
+        path = directory / f"{m.builder}.pt"
+        torch.manual_seed(i)
+        save_checkpoint(build_model(m), path, {"bench": True, "seed": i})
+        out.append(
+            ModelConfig(m.name, m.builder, path, m.target_layer, m.input_size, m.threshold, True, m.window)
+        )
+        kinds.add("seeded random")
+    return tuple(out), " + ".join(sorted(kinds))
+
+
+# --- floor ----------------------------------------------------------------------------------------------
+
+
+def measure_floor(
+    models: tuple[ModelConfig, ...], files: list[Path], batch_size: int, max_pixels: int, repeats: int = 3
+) -> dict[str, float]:
+    """Per-image forward time of each model at ``batch_size`` on the preprocessed inputs (seconds)."""
+    images = [load_image(p, max_pixels) for p in files]
+    per_image: dict[str, float] = {}
+    for m in models:
+        module = load_model(m).module
+        batches = [to_model_input(images[i : i + batch_size], m) for i in range(0, len(images), batch_size)]
+        with torch.inference_mode():
+            for x in batches[:2]:
+                module(x)  # warm-up (allocations, lazy init)
+            passes = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for x in batches:
+                    module(x)
+                passes.append((time.perf_counter() - t0) / len(images))
+        # the fastest pass: other load on the machine only ever slows a pass down, so this is the floor
+        per_image[m.name] = min(passes)
+        del module
+    return per_image
+
+
+# --- destination ----------------------------------------------------------------------------------------
+
+
+class Receiver:
+    """Storage SCP that timestamps every instance it receives (by SOP Instance UID)."""
+
+    def __init__(self, port: int) -> None:
+        self.arrivals: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+        ae = AE(ae_title="BENCHDEST")
+        for sop in (SC_SOP_CLASS, SR_SOP_CLASS):
+            ae.add_supported_context(sop, [ExplicitVRLittleEndian, "1.2.840.10008.1.2"])
+        ae.add_supported_context(Verification)
+        self.server = ae.start_server(
+            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on)]
+        )
+
+    def _on(self, event: evt.Event) -> int:
+        now = time.time()
+        uid = str(event.request.AffectedSOPInstanceUID)
+        with self._lock:
+            self.arrivals.setdefault(uid, []).append(now)
+        return 0x0000
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.arrivals)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+# --- node -----------------------------------------------------------------------------------------------
+
+
+def _toml(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def write_config(
+    path: Path, base_path: Path, models: tuple[ModelConfig, ...], port: int, dest_port: int, work: Path
+) -> None:
+    base = load_settings(base_path)
+    lines = [
+        "[node]",
+        'ae_title = "GRADCAM"',
+        'bind = "127.0.0.1"',
+        f"port = {port}",
+        f"storage_dir = {_toml(work / 'spool')}",
+        f"database_url = {_toml('sqlite:///' + str(work / 'node.db'))}",
+        "min_free_disk_mb = 0",
+        "[worker]",
+        f"batch_size = {base.worker.batch_size}",
+        "max_attempts = 3",
+        "retry_delay_s = 1",
+        "[outbox]",
+        "backoff_initial_s = 0.5",
+        "backoff_max_s = 2.0",
+        "[preprocess]",
+        f"max_pixels = {base.core.preprocess.max_pixels}",
+        "[render]",
+        f"max_side = {base.core.render.max_side}",
+        f"opacity = {base.core.render.opacity}",
+        f"colormap = {_toml(base.core.render.colormap)}",
+        "[routing]",
+        'default_destination = "bench"',
+        "[[destinations]]",
+        'name = "bench"',
+        'ae_title = "BENCHDEST"',
+        'host = "127.0.0.1"',
+        f"port = {dest_port}",
+    ]
+    for m in models:
+        lines += [
+            f"[models.{json.dumps(m.name)}]",
+            f"builder = {_toml(m.builder)}",
+            f"checkpoint = {_toml(m.checkpoint)}",
+            f"target_layer = {_toml(m.target_layer)}",
+            f"input_size = {m.input_size}",
+            f"threshold = {m.threshold}",
+        ]
+        if m.window is not None:
+            lines.append(f"window = {{ center = {m.window.center}, width = {m.window.width} }}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def start_node(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
+    return subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "--config", str(config), "serve"],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(Verification)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"node exited with {proc.returncode} during start-up")
+        assoc = ae.associate("127.0.0.1", port, ae_title="GRADCAM")
+        if assoc.is_established:
+            assoc.release()
+            return
+        time.sleep(0.25)
+    raise TimeoutError(f"node not listening on {port} after {timeout:.0f} s")
+
+
+# --- run ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    acks: dict[str, float]  # source SOP UID -> acknowledgement time (epoch s)
+    done: dict[str, float]  # source SOP UID -> arrival of its last output (epoch s)
+    failed: int
+    duplicates: int
+
+
+def collect(db_url: str, receiver: Receiver) -> Outcome:
+    engine = make_engine(db_url)
+    try:
+        with session_factory(engine)() as s:
+            rows = s.execute(
+                select(Instance.sop_instance_uid, Instance.received_at, Job.id, Job.status).join(
+                    Job, Job.instance_id == Instance.id
+                )
+            ).all()
+            outputs = s.execute(select(Output.job_id, Output.sop_instance_uid)).all()
+    finally:
+        engine.dispose()
+    by_job: dict[int, list[str]] = {}
+    for job_id, uid in outputs:
+        by_job.setdefault(job_id, []).append(uid)
+    acks, done, failed = {}, {}, 0
+    for uid, received_at, job_id, status in rows:
+        acks[uid] = received_at.timestamp()
+        failed += status != JobStatus.DONE
+        arrivals = [receiver.arrivals.get(o) for o in by_job.get(job_id, [])]
+        if arrivals and all(arrivals):
+            done[uid] = max(a[0] for a in arrivals)
+    dups = sum(len(v) - 1 for v in receiver.arrivals.values())
+    return Outcome(acks, done, failed, dups)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--count", type=int, default=24, help="phantom instances to send (default 24)")
+    p.add_argument("--config", type=Path, default=ROOT / "config" / "node.toml", help="models and batch size")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--size", type=int, default=512, help="side of the phantoms (pixels)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for all results")
+    p.add_argument("--workdir", type=Path, help="keep everything (inputs, spool, database, node.log) here")
+    args = p.parse_args(argv)
+    if not os.access(STORESCU, os.X_OK):
+        print(f"{STORESCU} is not installed (DCMTK)", file=sys.stderr)
+        return 2
+    base = load_settings(args.config)
+    batch = base.worker.batch_size
+    with tempfile.TemporaryDirectory(prefix="gradcam-bench-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        models, weights = checkpoints_for(base.core.enabled_models, work / "checkpoints")
+        files, source = make_inputs(work / "inputs", args.count, args.seed, args.size)
+        print(
+            f"inputs: {len(files)} ({source}); models: {', '.join(m.name for m in models)} "
+            f"({weights} weights); "
+            f"batch size {batch}; torch threads {torch.get_num_threads()}",
+            flush=True,
+        )
+        print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+        before = measure_floor(models, files, batch, base.core.preprocess.max_pixels)
+
+        port, dest_port = free_port(), free_port()
+        receiver = Receiver(dest_port)
+        config = work / "bench.toml"
+        write_config(config, args.config, models, port, dest_port, work)
+        proc = start_node(config, work / "node.log")
+        try:
+            wait_listening(port, proc, 300)
+            expected = len(files) * (len(models) + 1)
+            sent = subprocess.run(
+                [str(STORESCU), "-aet", "BENCH", "-aec", "GRADCAM", "127.0.0.1", str(port), *map(str, files)],
+                capture_output=True,
+                text=True,
+            )
+            if sent.returncode != 0:
+                print(f"storescu failed ({sent.returncode}): {sent.stderr.strip()}", file=sys.stderr)
+            deadline = time.monotonic() + args.timeout
+            while receiver.count() < expected and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            receiver.stop()
+        # The floor again, after the run: other load on the machine only slows passes down, so the
+        # faster of the two is the better estimate of the floor (and the stricter one for the ratio).
+        after = measure_floor(models, files, batch, base.core.preprocess.max_pixels)
+        per_image = {name: min(before[name], after[name]) for name in before}
+        floor = 1.0 / sum(per_image.values())
+        print(f"load average after: {os.getloadavg()[0]:.2f}", flush=True)
+        outcome = collect(f"sqlite:///{work / 'node.db'}", receiver)
+        if outcome.failed or len(outcome.done) < len(files):
+            print((work / "node.log").read_text(errors="replace")[-4000:], file=sys.stderr)
+        report(per_image, floor, outcome, len(files))
+    return 0
+
+
+def report(per_image: dict[str, float], floor: float, o: Outcome, n: int) -> None:
+    print()
+    print(f"{'model':<20}{'forward ms/image':>18}")
+    for name, t in per_image.items():
+        print(f"{name:<20}{t * 1000:>18.1f}")
+    print()
+    rows: list[tuple[str, str]] = [
+        ("instances sent", str(n)),
+        ("results complete", str(len(o.done))),
+        ("jobs not done", str(o.failed)),
+        ("duplicate deliveries", str(o.duplicates)),
+        ("floor (forward only)", f"{floor:.2f} inst/s"),
+    ]
+    if o.done:
+        start = min(o.acks.values())
+        span = max(o.done.values()) - start
+        throughput = len(o.done) / span if span > 0 else float("nan")
+        lat = np.array([o.done[u] - o.acks[u] for u in o.done])
+        rows += [
+            ("throughput", f"{throughput:.2f} inst/s"),
+            ("throughput / floor", f"{throughput / floor:.2f} (target >= 0.80)"),
+            ("latency p50", f"{np.percentile(lat, 50):.2f} s"),
+            ("latency p95", f"{np.percentile(lat, 95):.2f} s"),
+        ]
+    width = max(len(k) for k, _ in rows) + 2
+    for k, v in rows:
+        print(f"{k:<{width}}{v}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

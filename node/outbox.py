@@ -1,0 +1,197 @@
+"""Durable outbox: the queries behind sending results (one Send per job and destination).
+
+A Send is ``pending`` until it is due (``next_attempt_at``), ``sending`` while an association is open,
+then ``sent`` or, after ``outbox.max_attempts`` failed attempts, ``failed``. Every attempt is kept as a
+SendAttempt with its outcome and per-instance statuses, so an operator can see why results did not arrive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Destination, OutboxConfig
+from node.db import Output, Send, SendAttempt, SendStatus, utcnow
+
+__all__ = [
+    "OutgoingFile",
+    "SendWork",
+    "backoff_delay",
+    "as_utc",
+    "create_send",
+    "due_send_ids",
+    "next_due_at",
+    "claim_send",
+    "record_attempt",
+]
+
+
+@dataclass(frozen=True)
+class OutgoingFile:
+    """One output instance to C-STORE."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: Path
+    kind: str
+    model: str | None
+
+
+@dataclass(frozen=True)
+class SendWork:
+    """A claimed Send: where to, which files, and which attempt this is (1-based)."""
+
+    send_id: int
+    job_id: int
+    destination: str
+    ae_title: str
+    host: str
+    port: int
+    attempt: int
+    files: tuple[OutgoingFile, ...]
+
+
+def backoff_delay(attempts: int, cfg: OutboxConfig) -> float:
+    """Seconds to wait after the ``attempts``-th failed attempt: doubling from the initial delay, capped."""
+    if attempts < 1:
+        return 0.0
+    # min() before the power would overflow for absurd attempt counts; cap the exponent instead.
+    return min(cfg.backoff_initial_s * 2.0 ** min(attempts - 1, 64), cfg.backoff_max_s)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands datetimes back without a zone; every stored time is UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def create_send(session: Session, job_id: int, dest: Destination, now: datetime | None = None) -> Send:
+    """Add a pending Send for a job (the caller commits it with the job's results); due at once."""
+    now = now or utcnow()
+    send = Send(
+        job_id=job_id,
+        destination=dest.name,
+        ae_title=dest.ae_title,
+        host=dest.host,
+        port=dest.port,
+        status=SendStatus.PENDING,
+        attempts=0,
+        next_attempt_at=now,
+        created_at=now,
+    )
+    session.add(send)
+    return send
+
+
+def _due_clause(now: datetime):  # noqa: ANN202 - an SQLAlchemy boolean clause
+    return (Send.status == SendStatus.PENDING) & or_(
+        Send.next_attempt_at.is_(None), Send.next_attempt_at <= now
+    )
+
+
+def due_send_ids(session: Session, now: datetime | None = None, limit: int = 100) -> list[int]:
+    """Ids of pending sends that are due, oldest due first."""
+    now = now or utcnow()
+    stmt = (
+        select(Send.id)
+        .where(_due_clause(now))
+        .order_by(Send.next_attempt_at.is_not(None), Send.next_attempt_at, Send.id)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def next_due_at(session: Session) -> datetime | None:
+    """When the earliest pending send becomes due (None when nothing is pending)."""
+    pending = session.scalar(select(func.count()).where(Send.status == SendStatus.PENDING))
+    if not pending:
+        return None
+    earliest = session.scalar(select(func.min(Send.next_attempt_at)).where(Send.status == SendStatus.PENDING))
+    if earliest is None:
+        # a pending send without a due time is due now
+        return utcnow()
+    return as_utc(earliest)
+
+
+def claim_send(factory: sessionmaker[Session], send_id: int, now: datetime | None = None) -> SendWork | None:
+    """Atomically move one due send to ``sending`` and count the attempt; None if another claim won."""
+    now = now or utcnow()
+    with factory.begin() as session:
+        claimed = session.execute(
+            update(Send)
+            .where(Send.id == send_id, _due_clause(now))
+            .values(status=SendStatus.SENDING, attempts=Send.attempts + 1)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if claimed != 1:
+            return None
+        send = session.get(Send, send_id, populate_existing=True)
+        assert send is not None  # just updated in this transaction
+        rows = session.scalars(select(Output).where(Output.job_id == send.job_id).order_by(Output.id)).all()
+        files = tuple(
+            OutgoingFile(
+                sop_class_uid=o.sop_class_uid,
+                sop_instance_uid=o.sop_instance_uid,
+                path=Path(o.path),
+                kind=o.kind,
+                model=o.model,
+            )
+            for o in rows
+        )
+        return SendWork(
+            send_id=send.id,
+            job_id=send.job_id,
+            destination=send.destination,
+            ae_title=send.ae_title,
+            host=send.host,
+            port=send.port,
+            attempt=send.attempts,
+            files=files,
+        )
+
+
+def record_attempt(
+    factory: sessionmaker[Session],
+    work: SendWork,
+    started_at: datetime,
+    finished_at: datetime,
+    ok: bool,
+    detail: str,
+    cfg: OutboxConfig,
+) -> tuple[SendStatus, datetime | None]:
+    """Store one attempt and move the send on: sent, pending again after a backoff, or failed.
+
+    Returns the new status and, when pending, the time of the next attempt.
+    """
+    with factory.begin() as session:
+        session.add(
+            SendAttempt(
+                send_id=work.send_id,
+                started_at=started_at,
+                finished_at=finished_at,
+                outcome="sent" if ok else "failed",
+                detail=detail,
+            )
+        )
+        send = session.get(Send, work.send_id)
+        if send is None:
+            raise LookupError(f"send {work.send_id} vanished while it was being sent")
+        next_at: datetime | None = None
+        if ok:
+            send.status = SendStatus.SENT
+            send.sent_at = finished_at
+            send.last_error = None
+            send.next_attempt_at = None
+        elif send.attempts >= cfg.max_attempts:
+            send.status = SendStatus.FAILED
+            send.last_error = detail
+            send.next_attempt_at = None
+        else:
+            next_at = finished_at + timedelta(seconds=backoff_delay(send.attempts, cfg))
+            send.status = SendStatus.PENDING
+            send.last_error = detail
+            send.next_attempt_at = next_at
+        return SendStatus(send.status), next_at

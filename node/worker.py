@@ -1,0 +1,382 @@
+"""The analysis thread: claims queued jobs in batches, runs every enabled model with Grad-CAM, writes the
+Secondary Capture overlays and the SR, and records everything (results, outputs, the send) in one
+transaction.
+
+Failures are sorted in two kinds. *Permanent*: the image cannot be analysed (an :class:`InputError`, a file
+that is not DICOM, outputs that cannot be built): the job is ``failed`` with the reason at once.
+*Transient*: the disk, the database, or torch running out of memory: the job is queued again after
+``worker.retry_delay_s``, up to ``worker.max_attempts`` attempts in all. One bad image never fails the rest
+of its batch.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gradcam.analysis import Analyzer
+from gradcam.errors import InputError
+from gradcam.preprocess import SourceImage, load_dataset_image
+from gradcam.render import render_overlay
+from gradcam.results import AnalysisResult
+from node.config import Settings
+from node.db import Instance, Job, JobStatus, Output, Result, utcnow
+from node.outbox import create_send
+from node.outputs import build_secondary_capture, build_sr
+from node.queue import JobSignal
+from node.spool import output_path, write_atomic
+
+__all__ = [
+    "ClaimedJob",
+    "PermanentError",
+    "TRANSIENT_ERRORS",
+    "Worker",
+    "claim_jobs",
+    "next_job_due",
+]
+
+log = logging.getLogger(__name__)
+
+# Worth another try later: disk full or I/O trouble, database locked, torch out of memory (a RuntimeError).
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, OperationalError, RuntimeError)
+_DB_ERROR_PAUSE_S = 1.0
+
+
+class PermanentError(Exception):
+    """This job cannot succeed however often it is tried; the message says why."""
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job this worker now owns (status ``running``)."""
+
+    job_id: int
+    attempt: int
+    reply_ae: str
+    sop_instance_uid: str
+    path: Path
+    started_at: datetime
+
+
+@dataclass
+class _Item:
+    """One job moving through a batch."""
+
+    job: ClaimedJob
+    t0: float
+    image: SourceImage | None = None
+    source: pydicom.Dataset | None = None
+    analysis: AnalysisResult | None = None
+    error: BaseException | None = None
+
+
+def _due(now: datetime):  # noqa: ANN202 - an SQLAlchemy boolean clause
+    return (Job.status == JobStatus.QUEUED) & or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now)
+
+
+def claim_jobs(factory: sessionmaker[Session], limit: int, now: datetime | None = None) -> list[ClaimedJob]:
+    """Atomically take up to ``limit`` due queued jobs (oldest first) and mark them ``running``.
+
+    Each job is claimed with a guarded ``UPDATE ... WHERE status='queued'``; a job another worker took in
+    the meantime updates no row and is left out.
+    """
+    now = now or utcnow()
+    claimed: list[ClaimedJob] = []
+    with factory.begin() as s:
+        ids = list(s.scalars(select(Job.id).where(_due(now)).order_by(Job.id).limit(limit)))
+        for job_id in ids:
+            rows = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+                .values(status=JobStatus.RUNNING, started_at=now, attempts=Job.attempts + 1)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if rows != 1:
+                continue
+            attempts, reply_ae, uid, path = s.execute(
+                select(Job.attempts, Job.reply_ae, Instance.sop_instance_uid, Instance.path)
+                .join(Instance, Instance.id == Job.instance_id)
+                .where(Job.id == job_id)
+            ).one()
+            claimed.append(ClaimedJob(job_id, attempts, reply_ae, uid, Path(path), now))
+    return claimed
+
+
+def next_job_due(session: Session) -> datetime | None:
+    """The earliest scheduled retry among queued jobs (None if none is scheduled)."""
+    return session.scalar(
+        select(func.min(Job.next_attempt_at)).where(
+            Job.status == JobStatus.QUEUED, Job.next_attempt_at.is_not(None)
+        )
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text if text else type(exc).__name__
+
+
+class Worker:
+    """Thread that analyses queued jobs in batches; the models are loaded once, here."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessionmaker: sessionmaker[Session],
+        job_signal: JobSignal,
+        send_signal: JobSignal,
+    ) -> None:
+        self.settings = settings
+        self.factory = sessionmaker
+        self.job_signal = job_signal
+        self.send_signal = send_signal
+        self.analyzer = Analyzer(settings.core)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to exit after the batch in progress."""
+        self._stop.set()
+        self.job_signal.notify()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to exit."""
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # --- loop -------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        log.info(
+            "worker started (models: %s; batch size %d)",
+            ", ".join(self.analyzer.models),
+            self.settings.worker.batch_size,
+        )
+        while not self._stop.is_set():
+            try:
+                batch = claim_jobs(self.factory, self.settings.worker.batch_size)
+                if batch:
+                    self.process(batch)
+                    continue
+                timeout = self._wait_time()
+            except OperationalError as exc:
+                log.error("worker: database error, retrying in %.0f s: %s", _DB_ERROR_PAUSE_S, exc)
+                timeout = _DB_ERROR_PAUSE_S
+            except Exception:
+                # a bug must not silently end analysis for the life of the process; jobs left 'running'
+                # by it are re-queued by recover() at the next start
+                log.exception("worker: unexpected error; continuing in %.0f s", _DB_ERROR_PAUSE_S)
+                timeout = _DB_ERROR_PAUSE_S
+            if not self._stop.is_set():
+                self.job_signal.wait(timeout)
+        log.info("worker stopped")
+
+    def _wait_time(self) -> float | None:
+        with self.factory() as s:
+            due = next_job_due(s)
+        return None if due is None else max(0.0, (due - utcnow()).total_seconds())
+
+    # --- one batch --------------------------------------------------------------------------------------
+
+    def process(self, batch: list[ClaimedJob]) -> None:
+        """Analyse claimed jobs together and finish each one (done, retry or failed)."""
+        items = [_Item(job, time.perf_counter()) for job in batch]
+        for item in items:
+            self._load(item)
+        self._analyze([i for i in items if i.error is None])
+        sent = False
+        for item in items:
+            if item.error is None:
+                try:
+                    sent = self._complete(item) or sent
+                    continue
+                except Exception as exc:  # noqa: BLE001 - classified and stored with the job by _fail
+                    item.error = exc
+            self._fail(item)
+        if sent:
+            self.send_signal.notify()
+
+    def _load(self, item: _Item) -> None:
+        try:
+            ds = pydicom.dcmread(item.job.path)
+            item.image = load_dataset_image(ds, self.settings.core.preprocess.max_pixels, str(item.job.path))
+            item.source = ds
+        except InvalidDicomError as exc:
+            item.error = PermanentError(f"spool file is not readable DICOM: {_describe(exc)}")
+        except Exception as exc:  # noqa: BLE001 - classified and stored with the job by _fail
+            item.error = exc
+
+    def _analyze(self, items: list[_Item]) -> None:
+        if not items:
+            return
+        try:
+            results = self.analyzer.analyze([i.image for i in items])
+        except Exception as exc:  # noqa: BLE001
+            if len(items) == 1:
+                items[0].error = exc
+                return
+            # Find the culprit: one image at a time, so the others still get their results.
+            log.warning(
+                "batch of %d failed (%s); analysing its images one by one", len(items), _describe(exc)
+            )
+            for i in items:
+                self._analyze([i])
+            return
+        for i, result in zip(items, results, strict=True):
+            i.analysis = result
+
+    def _complete(self, item: _Item) -> bool:
+        """Write the outputs and record the job as done; True if a send was queued."""
+        assert item.source is not None and item.image is not None and item.analysis is not None
+        job, analysis = item.job, item.analysis
+        outputs = self._write_outputs(item)
+        dest = self.settings.destination_for_caller(job.reply_ae)
+        now = utcnow()
+        duration_ms = (time.perf_counter() - item.t0) * 1000.0
+        with self.factory.begin() as s:
+            row = s.get(Job, job.job_id)
+            if row is None or row.status != JobStatus.RUNNING:
+                raise PermanentError(f"job {job.job_id} is no longer running (state changed underneath)")
+            for r in analysis.models.values():
+                s.add(
+                    Result(
+                        job_id=job.job_id,
+                        model=r.model,
+                        builder=r.builder,
+                        probability=float(r.probability),
+                        threshold=float(r.threshold),
+                        positive=bool(r.positive),
+                        cam_peak_row=int(r.cam_peak[0]),
+                        cam_peak_col=int(r.cam_peak[1]),
+                        checkpoint_sha256=r.checkpoint_sha256,
+                        ms=float(r.ms),
+                        created_at=now,
+                    )
+                )
+            for o in outputs:
+                o.job_id = job.job_id
+                s.add(o)
+            if dest is not None:
+                create_send(s, job.job_id, dest, now)
+            row.status = JobStatus.DONE
+            row.reason = None if dest is not None else "no destination configured"
+            row.consensus = bool(analysis.consensus)
+            row.finished_at = now
+            row.next_attempt_at = None
+            row.duration_ms = duration_ms
+        probs = ", ".join(
+            f"{m}={r.probability:.3f}{'+' if r.positive else '-'}" for m, r in analysis.models.items()
+        )
+        log.info(
+            "job %d (%s) done in %.0f ms: consensus %s [%s]%s",
+            job.job_id,
+            job.sop_instance_uid,
+            duration_ms,
+            "POSITIVE" if analysis.consensus else "negative",
+            probs,
+            f" -> {dest.name}" if dest else "; no destination configured",
+        )
+        return dest is not None
+
+    def _write_outputs(self, item: _Item) -> list[Output]:
+        """Build one SC per model and the SR, write each atomically; the Output rows, not yet added."""
+        assert item.source is not None and item.image is not None and item.analysis is not None
+        cfg = self.settings.outputs
+        results = list(item.analysis.models.values())
+        datasets: list[tuple[str, str | None, pydicom.Dataset]] = []
+        try:
+            for n, r in enumerate(results, start=1):
+                overlay = render_overlay(item.image, r, self.settings.core.render)
+                datasets.append(("sc", r.model, build_secondary_capture(item.source, overlay, r, cfg, n)))
+            datasets.append(("sr", None, build_sr(item.source, results, item.analysis.consensus, cfg)))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise PermanentError(f"cannot build outputs: {_describe(exc)}") from exc
+        rows = []
+        root = self.settings.node.storage_dir
+        for kind, model, ds in datasets:
+            try:
+                path = output_path(root, item.job.sop_instance_uid, ds.SOPInstanceUID)
+            except ValueError as exc:
+                raise PermanentError(str(exc)) from exc
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            write_atomic(path, buf.getvalue())
+            rows.append(
+                Output(
+                    kind=kind,
+                    model=model,
+                    sop_class_uid=str(ds.SOPClassUID),
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    series_instance_uid=str(ds.SeriesInstanceUID),
+                    path=str(path),
+                    created_at=utcnow(),
+                )
+            )
+        return rows
+
+    def _fail(self, item: _Item) -> None:
+        """Store a failed attempt: retry later if transient and attempts remain, else ``failed``."""
+        exc = item.error
+        assert exc is not None
+        job = item.job
+        if isinstance(exc, InputError | PermanentError):
+            reason, transient = _describe(exc), False
+        elif isinstance(exc, TRANSIENT_ERRORS):
+            reason, transient = f"{type(exc).__name__}: {_describe(exc)}", True
+        else:
+            # a bug or an unforeseen input: keep the traceback in the log, the reason with the job
+            log.error("job %d: unexpected error", job.job_id, exc_info=exc)
+            reason, transient = f"unexpected error: {type(exc).__name__}: {_describe(exc)}", False
+        retry = transient and job.attempt < self.settings.worker.max_attempts
+        now = utcnow()
+        duration_ms = (time.perf_counter() - item.t0) * 1000.0
+        try:
+            with self.factory.begin() as s:
+                values: dict[str, object] = {"reason": reason, "duration_ms": duration_ms}
+                if retry:
+                    due = now + timedelta(seconds=self.settings.worker.retry_delay_s)
+                    values.update(status=JobStatus.QUEUED, next_attempt_at=due, started_at=None)
+                else:
+                    if transient:
+                        reason = f"{reason} (gave up after {job.attempt} attempts)"
+                    values.update(
+                        status=JobStatus.FAILED, reason=reason, finished_at=now, next_attempt_at=None
+                    )
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job.job_id, Job.status == JobStatus.RUNNING)
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+        except OperationalError as db_exc:
+            # the job stays 'running'; recover() re-queues it at the next start
+            log.error("job %d: cannot record failure (%s): %s", job.job_id, reason, db_exc)
+            return
+        if retry:
+            log.warning(
+                "job %d (%s): attempt %d failed: %s; retry in %.1f s",
+                job.job_id,
+                job.sop_instance_uid,
+                job.attempt,
+                reason,
+                self.settings.worker.retry_delay_s,
+            )
+        else:
+            log.error("job %d (%s) failed: %s", job.job_id, job.sop_instance_uid, reason)

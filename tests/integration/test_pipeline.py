@@ -1,0 +1,439 @@
+"""The whole pipeline with real peers: DCMTK storescu -> node (subprocess, three small models) -> DCMTK
+storescp; then bad inputs, which must be recorded with a reason while the node keeps serving.
+
+One node and one storescp for the whole module (start-up costs seconds). Every object the node made and
+the destination received is checked with dciodvfy; the SR also with dsrdump and highdicom.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import helpers
+import highdicom as hd
+import pydicom
+import pytest
+from helpers import RunningNode, dcmtk, run_tool, wait_until
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import JPEG2000Lossless
+from pynetdicom import AE
+from sqlalchemy import select
+
+from node.db import Instance, Job, JobStatus, Output, Result, Send, SendAttempt, SendStatus
+from node.outputs import read_sr_findings, sc_instance_uid, sr_instance_uid
+
+pytestmark = pytest.mark.integration
+
+MODELS = ("ResNet18", "EfficientNet-B0", "DenseNet121")
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+RESULT_TIMEOUT_S = 240  # three CPU models on a shared 2-core machine
+
+
+class StoreScp:
+    """DCMTK storescp in its own folder: unique file names, so every delivery is a separate file."""
+
+    def __init__(self, directory: Path, ae_title: str = "PACS", port: int | None = None) -> None:
+        self.dir = directory
+        self.ae_title = ae_title
+        self.port = port or helpers.free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._seen: dict[Path, tuple[str, str]] = {}
+
+    def start(self) -> None:
+        (self.dir / "in").mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "storescp.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    dcmtk("storescp"),
+                    "-aet",
+                    self.ae_title,
+                    "-od",
+                    self.dir / "in",
+                    "+xa",
+                    "+uf",
+                    "-fe",
+                    ".dcm",
+                    str(self.port),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        wait_until("storescp to listen", self._listening, 20)
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"storescp exited with {self.proc.returncode}: {self.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return (self.dir / "storescp.log").read_text(errors="replace")
+
+    def received(self) -> dict[str, list[Path]]:
+        """SOP Instance UID -> files received with it (complete files only: storescp writes then closes)."""
+        out: dict[str, list[Path]] = {}
+        for path in sorted((self.dir / "in").glob("*.dcm")):
+            if path not in self._seen:
+                try:
+                    ds = pydicom.dcmread(path, stop_before_pixels=True)
+                except Exception:  # noqa: BLE001 - still being written; read again next poll
+                    continue
+                self._seen[path] = (str(ds.SOPInstanceUID), str(ds.SOPClassUID))
+            out.setdefault(self._seen[path][0], []).append(path)
+        return out
+
+
+def _storescu_profile(files: list[Path], path: Path) -> Path:
+    """A storescu association profile proposing exactly each file's SOP class in its own transfer syntax.
+
+    Plain storescu proposes uncompressed syntaxes only (and cannot transcode JPEG family data itself),
+    so compressed files need their syntax proposed explicitly; a profile does that for all in one call.
+    """
+    pairs = sorted(
+        {
+            (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+            for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in files)
+        }
+    )
+    syntaxes = sorted({ts for _, ts in pairs})
+    lines = ["[[TransferSyntaxes]]"]
+    for n, ts in enumerate(syntaxes, start=1):
+        lines += [f"[TS{n}]", f"TransferSyntax1 = {ts}"]
+    lines += ["[[PresentationContexts]]", "[Contexts]"]
+    for n, (sop, ts) in enumerate(pairs, start=1):
+        lines.append(f"PresentationContext{n} = {sop}\\TS{syntaxes.index(ts) + 1}")
+    lines += ["[[Profiles]]", "[Inputs]", "PresentationContexts = Contexts"]
+    path.write_text("\n".join(lines) + "\n", encoding="ascii")
+    return path
+
+
+def storescu(
+    node: RunningNode, files: list[Path], calling: str = "MODALITY"
+) -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu, one association for all ``files``, each sent in its own transfer syntax."""
+    profile = _storescu_profile(files, files[0].parent / f"storescu-{files[0].stem}.cfg")
+    args = [dcmtk("storescu"), "-xf", profile, "Inputs", "-aet", calling, "-aec", node.ae_title]
+    return run_tool([*args, "127.0.0.1", str(node.port), *files], timeout=120)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    res = run_tool([dcmtk("dciodvfy"), path])
+    return [line for line in res.stdout.splitlines() if line.startswith("Error")]
+
+
+# --- module fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="module")
+def pacs(work: Path) -> Iterator[StoreScp]:
+    scp = StoreScp(work / "pacs")
+    scp.start()
+    yield scp
+    scp.stop()
+    print(f"----- storescp log -----\n{scp.log()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def pnode(work: Path, pacs: StoreScp, checkpoint_root: Path) -> Iterator[RunningNode]:
+    running = helpers.start_node(
+        work / "node",
+        helpers.checkpoints_for(checkpoint_root, MODELS),
+        destinations=[{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
+        default_destination="pacs",
+        worker={"batch_size": 4, "retry_delay_s": 0.5},
+        outbox={"backoff_initial_s": 0.5, "backoff_max_s": 2.0},
+        render={"max_side": 256},
+    )
+    yield running
+    code = running.stop()
+    print(f"----- node log (exit {code}) -----\n{running.log_text()[-20000:]}")
+
+
+def _image(name: str, seed: int, **kw: object) -> Dataset:
+    ds = helpers.image_dataset(size=96, seed=seed, **kw)
+    ds.PatientID = f"PHANTOM-{name.upper()}"
+    ds.PatientName = f"PHANTOM^{name.upper()}"
+    return ds
+
+
+def _dcmtk_compress(tool: str, src: Path, dst: Path) -> Path:
+    res = run_tool([dcmtk(tool), src, dst])
+    assert res.returncode == 0, res.stdout
+    return dst
+
+
+@pytest.fixture(scope="module")
+def good_inputs(work: Path) -> dict[str, Path]:
+    """Same kind of image in every transfer syntax the node must decode, plus MONOCHROME1."""
+    d = work / "inputs"
+    plain = helpers.write_dataset(_image("plain", 1), d / "plain.dcm")
+    files = {"uncompressed": plain}
+    for i, (name, tool) in enumerate(
+        (("jpeg_lossless", "dcmcjpeg"), ("jpeg_ls", "dcmcjpls"), ("rle", "dcmcrle"))
+    ):
+        src = helpers.write_dataset(_image(name, 10 + i), d / f"{name}_src.dcm")
+        files[name] = _dcmtk_compress(tool, src, d / f"{name}.dcm")
+    j2k = _with_meta(_image("j2k", 20))
+    j2k.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    files["jpeg2000"] = _save(j2k, d / "j2k.dcm")
+    files["monochrome1"] = helpers.write_dataset(
+        _image("mono1", 30, photometric="MONOCHROME1"), d / "mono1.dcm"
+    )
+    return files
+
+
+def _save(ds: Dataset, path: Path) -> Path:
+    """Write keeping the dataset's own transfer syntax (helpers.write_dataset forces explicit VR LE)."""
+    ds.ensure_file_meta()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _job_of(node: RunningNode, sop_uid: str) -> Job | None:
+    with node.sessions()() as s:
+        inst = s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+        return None if inst is None else s.scalar(select(Job).where(Job.instance_id == inst.id))
+
+
+def _finished(node: RunningNode, sop_uids: list[str]) -> dict[str, Job] | None:
+    jobs = {u: _job_of(node, u) for u in sop_uids}
+    if all(
+        j is not None and j.status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.SKIPPED)
+        for j in jobs.values()
+    ):
+        return jobs  # type: ignore[return-value]
+    return None
+
+
+@pytest.fixture(scope="module")
+def delivered(pnode: RunningNode, pacs: StoreScp, good_inputs: dict[str, Path]) -> dict[str, list[Output]]:
+    """Send every good input in one storescu call; wait until all 4 outputs of each are at the PACS."""
+    res = storescu(pnode, list(good_inputs.values()))
+    assert res.returncode == 0, res.stdout
+    uids = {
+        name: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for name, p in good_inputs.items()
+    }
+    jobs = wait_until("all jobs to finish", lambda: _finished(pnode, list(uids.values())), RESULT_TIMEOUT_S)
+    not_done = {
+        n: (jobs[u].status, jobs[u].reason) for n, u in uids.items() if jobs[u].status != JobStatus.DONE
+    }
+    assert not not_done, not_done
+    outputs: dict[str, list[Output]] = {}
+    with pnode.sessions()() as s:
+        for name, uid in uids.items():
+            outputs[name] = list(
+                s.scalars(select(Output).where(Output.job_id == jobs[uid].id).order_by(Output.id))
+            )
+    expected = {o.sop_instance_uid for outs in outputs.values() for o in outs}
+    wait_until("all outputs at the destination", lambda: expected <= set(pacs.received()), RESULT_TIMEOUT_S)
+    return outputs
+
+
+# --- good inputs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["uncompressed", "jpeg_lossless", "jpeg_ls", "rle", "jpeg2000", "monochrome1"]
+)
+def test_each_input_gives_three_sc_and_one_sr(
+    name: str,
+    pnode: RunningNode,
+    pacs: StoreScp,
+    good_inputs: dict[str, Path],
+    delivered: dict[str, list[Output]],
+) -> None:
+    source = pydicom.dcmread(good_inputs[name], stop_before_pixels=True)
+    outputs = delivered[name]
+    assert sorted(o.kind for o in outputs) == ["sc", "sc", "sc", "sr"]
+    assert sorted(o.model for o in outputs if o.kind == "sc") == sorted(MODELS)
+    received = pacs.received()
+    for o in outputs:
+        files = received[o.sop_instance_uid]
+        assert len(files) == 1, f"{o.kind} {o.model} delivered {len(files)} times"
+        ds = pydicom.dcmread(files[0])
+        assert dciodvfy_errors(files[0]) == [], f"{o.kind} {o.model}: dciodvfy errors"
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert (ds.PatientID, str(ds.PatientName)) == (source.PatientID, str(source.PatientName))
+        assert ds.SOPClassUID == (SC_CLASS if o.kind == "sc" else SR_CLASS)
+        assert o.sop_instance_uid == _expected_uid(pnode, source.SOPInstanceUID, o)
+        if o.kind == "sc":
+            refs = [r.ReferencedSOPInstanceUID for r in ds.get("SourceImageSequence", [])]
+            assert source.SOPInstanceUID in refs
+            assert ds.Rows > 0 and ds.SamplesPerPixel == 3
+        else:
+            _check_sr(pnode, files[0], ds, source)
+
+
+def _expected_uid(node: RunningNode, source_uid: str, o: Output) -> str:
+    """The UID derived from the source and the results (checkpoint digest, threshold), as the node must."""
+    with node.sessions()() as s:
+        results = s.scalars(select(Result).where(Result.job_id == o.job_id)).all()
+    if o.kind == "sr":
+        return sr_instance_uid(source_uid, results)
+    return sc_instance_uid(source_uid, next(r for r in results if r.model == o.model))
+
+
+def _check_sr(node: RunningNode, path: Path, ds: Dataset, source: Dataset) -> None:
+    dump = run_tool([dcmtk("dsrdump"), path])
+    assert dump.returncode == 0, dump.stdout
+    assert not [ln for ln in dump.stdout.splitlines() if ln.startswith("E:")], dump.stdout
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    findings = read_sr_findings(ds)
+    job = _job_of(node, source.SOPInstanceUID)
+    with node.sessions()() as s:
+        results = s.scalars(select(Result).where(Result.job_id == job.id)).all()
+    db = {r.model: (round(r.probability, 4), r.threshold, r.positive) for r in results}
+    from_sr = {f.model: (round(f.probability, 4), f.threshold, f.positive) for f in findings.models}
+    assert from_sr == db
+    assert findings.consensus == job.consensus
+
+
+def test_sends_recorded_as_sent(pnode: RunningNode, delivered: dict[str, list[Output]]) -> None:
+    job_ids = {outs[0].job_id for outs in delivered.values()}
+    with pnode.sessions()() as s:
+        sends = s.scalars(select(Send).where(Send.job_id.in_(job_ids))).all()
+        attempts = s.scalars(select(SendAttempt).where(SendAttempt.send_id.in_([x.id for x in sends]))).all()
+    assert len(sends) == len(job_ids)
+    assert all(x.status == SendStatus.SENT and x.destination == "pacs" for x in sends)
+    assert {a.outcome for a in attempts} == {"sent"}
+    assert all(a.detail.count("=0x0000") == 4 for a in attempts)
+
+
+def test_no_temporary_files_left(pnode: RunningNode, delivered: dict[str, list[Output]]) -> None:
+    assert not list(pnode.storage_dir.rglob("*.tmp"))
+    for outs in delivered.values():
+        assert all(Path(o.path).is_file() for o in outs)
+
+
+# --- bad inputs -----------------------------------------------------------------------------------------
+
+
+def _corrupt_jpeg(work: Path) -> Path:
+    """A JPEG lossless file whose frame is garbage after its header (markers intact, entropy data not)."""
+    src = helpers.write_dataset(_image("corrupt", 40), work / "bad" / "corrupt_src.dcm")
+    jpeg = _dcmtk_compress("dcmcjpeg", src, work / "bad" / "corrupt_jpeg.dcm")
+    ds = pydicom.dcmread(jpeg)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    garbage = bytes((i * 97 + 13) % 256 for i in range(len(frame) - 40))
+    bad = frame[:20] + garbage.replace(b"\xff", b"\x00") + b"\xff\xd9"
+    ds.PixelData = encapsulate([bad])
+    ds.save_as(jpeg, enforce_file_format=True)
+    return jpeg
+
+
+def _pynetdicom_store(node: RunningNode, ds: Dataset) -> int:
+    """C-STORE a dataset as it is (storescu would refuse a file with short pixel data)."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    return int(status.Status)
+
+
+def _with_meta(ds: Dataset) -> Dataset:
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    return ds
+
+
+@pytest.fixture(scope="module")
+def bad_results(pnode: RunningNode, work: Path, delivered: dict[str, list[Output]]) -> dict[str, Job]:
+    """Send every bad input; returns name -> its finished job."""
+    bad = work / "bad"
+    ct = helpers.write_dataset(_image("ct", 50, modality="CT"), bad / "ct.dcm")
+    sr = helpers.write_dataset(helpers.sr_dataset(), bad / "sr.dcm")
+    corrupt = _corrupt_jpeg(work)
+    own_sc = Path(next(o.path for o in delivered["uncompressed"] if o.kind == "sc"))
+    res = storescu(pnode, [ct, sr, corrupt, own_sc])
+    assert res.returncode == 0, res.stdout
+
+    truncated = _with_meta(_image("truncated", 60))
+    truncated.PixelData = truncated.PixelData[: len(truncated.PixelData) // 3]
+    huge = _with_meta(_image("huge", 61))
+    huge.Rows = huge.Columns = 60000
+    assert _pynetdicom_store(pnode, truncated) == 0x0000
+    assert _pynetdicom_store(pnode, huge) == 0x0000
+
+    uids = {
+        "ct": pydicom.dcmread(ct).SOPInstanceUID,
+        "sr": pydicom.dcmread(sr).SOPInstanceUID,
+        "corrupt": pydicom.dcmread(corrupt, stop_before_pixels=True).SOPInstanceUID,
+        "own_sc": pydicom.dcmread(own_sc, stop_before_pixels=True).SOPInstanceUID,
+        "truncated": truncated.SOPInstanceUID,
+        "huge": huge.SOPInstanceUID,
+    }
+    jobs = wait_until(
+        "bad inputs to be settled", lambda: _finished(pnode, list(uids.values())), RESULT_TIMEOUT_S
+    )
+    return {name: jobs[uid] for name, uid in uids.items()}
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "words"),
+    [
+        ("ct", JobStatus.SKIPPED, "modality ct"),
+        ("sr", JobStatus.SKIPPED, "no pixel data"),
+        ("own_sc", JobStatus.SKIPPED, "own output"),
+        ("corrupt", JobStatus.FAILED, "pixel data cannot be decoded"),
+        ("truncated", JobStatus.FAILED, "less than expected"),
+        ("huge", JobStatus.FAILED, "60000x60000"),
+    ],
+)
+def test_bad_input_is_recorded_with_reason(
+    name: str, status: JobStatus, words: str, pnode: RunningNode, bad_results: dict[str, Job]
+) -> None:
+    job = bad_results[name]
+    assert job.status == status, (job.status, job.reason)
+    assert words in (job.reason or "").lower(), job.reason
+    with pnode.sessions()() as s:
+        inst = s.get(Instance, job.instance_id)
+        assert s.scalars(select(Output).where(Output.job_id == job.id)).all() == []
+    assert Path(inst.path).is_file(), "the received file must stay in the spool"
+
+
+def test_node_still_serves_after_bad_inputs(
+    pnode: RunningNode, pacs: StoreScp, work: Path, bad_results: dict[str, Job]
+) -> None:
+    assert pnode.proc.poll() is None
+    echo = run_tool(
+        [dcmtk("echoscu"), "-aet", "MODALITY", "-aec", pnode.ae_title, "127.0.0.1", str(pnode.port)]
+    )
+    assert echo.returncode == 0, echo.stdout
+    after = helpers.write_dataset(_image("after", 70), work / "after.dcm")
+    assert storescu(pnode, [after]).returncode == 0
+    uid = pydicom.dcmread(after, stop_before_pixels=True).SOPInstanceUID
+    jobs = wait_until("the good image after the bad ones", lambda: _finished(pnode, [uid]), RESULT_TIMEOUT_S)
+    assert jobs[uid].status == JobStatus.DONE, jobs[uid].reason
+    with pnode.sessions()() as s:
+        outs = {o.sop_instance_uid for o in s.scalars(select(Output).where(Output.job_id == jobs[uid].id))}
+    assert len(outs) == 4
+    wait_until("its outputs at the destination", lambda: outs <= set(pacs.received()), RESULT_TIMEOUT_S)

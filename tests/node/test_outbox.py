@@ -1,0 +1,503 @@
+"""Outbox data access (backoff, due selection, claiming, attempt recording) on a real SQLite file, the
+sender thread against a real pynetdicom SCP on loopback, and the worker that fills the outbox (real small
+model, real files)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydicom import Dataset, dcmread
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from gradcam.config import CoreConfig, ModelConfig, RenderConfig
+from gradcam.models import build_model, save_checkpoint
+from node.config import Destination, NodeConfig, OutboxConfig, Settings, WorkerConfig
+from node.db import (
+    Instance,
+    Job,
+    JobStatus,
+    Output,
+    Result,
+    Send,
+    SendAttempt,
+    SendStatus,
+    create_schema,
+    make_engine,
+    recover,
+    session_factory,
+    utcnow,
+)
+from node.outbox import backoff_delay, claim_send, create_send, due_send_ids, next_due_at, record_attempt
+from node.queue import JobSignal
+from node.sender import SC_SOP_CLASS, Sender, echo_command
+from node.worker import Worker, claim_jobs
+
+CFG = OutboxConfig(max_attempts=4, backoff_initial_s=2.0, backoff_max_s=10.0)
+
+
+@pytest.fixture
+def factory(tmp_path: Path) -> sessionmaker[Session]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    create_schema(engine)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def _job(
+    factory: sessionmaker[Session],
+    status: JobStatus = JobStatus.QUEUED,
+    *,
+    sop_uid: str | None = None,
+    path: Path | None = None,
+    reply_ae: str = "MODALITY",
+    **job_kw: object,
+) -> int:
+    uid = sop_uid or generate_uid()
+    with factory.begin() as s:
+        inst = Instance(
+            sop_instance_uid=uid,
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+            study_instance_uid=generate_uid(),
+            series_instance_uid=generate_uid(),
+            patient_id="PHANTOM",
+            modality="DX",
+            transfer_syntax=ExplicitVRLittleEndian,
+            path=str(path or f"/spool/{uid}.dcm"),
+            size_bytes=1,
+            calling_ae="MODALITY",
+        )
+        s.add(inst)
+        s.flush()
+        job = Job(instance_id=inst.id, status=status, reply_ae=reply_ae, **job_kw)
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def _send(factory: sessionmaker[Session], port: int = 104, **send_kw: object) -> int:
+    job_id = _job(factory, JobStatus.DONE)
+    with factory.begin() as s:
+        send = create_send(s, job_id, Destination("pacs", "PACS", "127.0.0.1", port))
+        for k, v in send_kw.items():
+            setattr(send, k, v)
+        s.flush()
+        return send.id
+
+
+def test_backoff_doubles_from_initial_and_is_capped() -> None:
+    assert [backoff_delay(n, CFG) for n in range(1, 7)] == [2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+    assert backoff_delay(0, CFG) == 0.0
+    assert backoff_delay(10_000, CFG) == 10.0  # no overflow for absurd counts
+
+
+def test_due_selection_only_pending_and_due(factory: sessionmaker[Session]) -> None:
+    now = utcnow()
+    due_old = _send(factory, next_attempt_at=now - timedelta(seconds=30))
+    due_now = _send(factory, next_attempt_at=now)
+    future = _send(factory, next_attempt_at=now + timedelta(seconds=60))
+    _send(factory, status=SendStatus.SENDING, next_attempt_at=now - timedelta(seconds=5))
+    _send(factory, status=SendStatus.SENT, next_attempt_at=None)
+    _send(factory, status=SendStatus.FAILED, next_attempt_at=None)
+    with factory() as s:
+        assert due_send_ids(s, now) == [due_old, due_now]
+        assert due_send_ids(s, now + timedelta(seconds=61)) == [due_old, due_now, future]
+        assert next_due_at(s) == now - timedelta(seconds=30)
+    for send_id in (due_old, due_now):
+        assert claim_send(factory, send_id, now) is not None
+    with factory() as s:
+        # the earliest *pending* due time is what the sender sleeps towards
+        assert next_due_at(s) == now + timedelta(seconds=60)
+
+
+def test_next_due_none_when_nothing_pending(factory: sessionmaker[Session]) -> None:
+    _send(factory, status=SendStatus.SENT)
+    with factory() as s:
+        assert next_due_at(s) is None
+        assert due_send_ids(s) == []
+
+
+def test_claim_send_is_atomic_and_counts_attempt(factory: sessionmaker[Session]) -> None:
+    send_id = _send(factory)
+    with factory.begin() as s:
+        job_id = s.get(Send, send_id).job_id
+        s.add(
+            Output(
+                job_id=job_id,
+                kind="sr",
+                model=None,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                sop_instance_uid=generate_uid(),
+                series_instance_uid=generate_uid(),
+                path="/x/sr.dcm",
+            )
+        )
+    first = claim_send(factory, send_id)
+    second = claim_send(factory, send_id)
+    assert first is not None and second is None
+    assert first.attempt == 1 and [f.kind for f in first.files] == ["sr"]
+    with factory() as s:
+        assert s.get(Send, send_id).status == SendStatus.SENDING
+
+
+def test_claim_job_race_only_one_wins(factory: sessionmaker[Session]) -> None:
+    job_id = _job(factory)
+    barrier = threading.Barrier(2)
+    won: list[list[int]] = []
+
+    def claim() -> None:
+        barrier.wait()
+        won.append([c.job_id for c in claim_jobs(factory, 4)])
+
+    threads = [threading.Thread(target=claim) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(won) == [[], [job_id]]
+    with factory() as s:
+        job = s.get(Job, job_id)
+        assert job.status == JobStatus.RUNNING and job.attempts == 1 and job.started_at is not None
+
+
+def test_claim_jobs_respects_due_time_and_batch_size(factory: sessionmaker[Session]) -> None:
+    now = utcnow()
+    ready = [_job(factory) for _ in range(3)]
+    later = _job(factory, next_attempt_at=now + timedelta(seconds=30))
+    _job(factory, JobStatus.DONE)
+    assert [c.job_id for c in claim_jobs(factory, 2, now)] == ready[:2]
+    assert [c.job_id for c in claim_jobs(factory, 5, now)] == [ready[2]]
+    assert claim_jobs(factory, 5, now) == []
+    assert [c.job_id for c in claim_jobs(factory, 5, now + timedelta(seconds=31))] == [later]
+
+
+def test_record_attempt_backoff_then_failed(factory: sessionmaker[Session]) -> None:
+    send_id = _send(factory)
+    t = utcnow()
+    for n in range(1, CFG.max_attempts + 1):
+        work = claim_send(factory, send_id, t)
+        assert work is not None and work.attempt == n
+        status, next_at = record_attempt(factory, work, t, t, False, f"refused #{n}", CFG)
+        if n < CFG.max_attempts:
+            assert status == SendStatus.PENDING
+            assert next_at == t + timedelta(seconds=backoff_delay(n, CFG))
+            with factory() as s:
+                assert due_send_ids(s, t) == []  # not due before the backoff has passed
+            t = next_at
+        else:
+            assert status == SendStatus.FAILED and next_at is None
+    with factory() as s:
+        send = s.get(Send, send_id)
+        assert send.status == SendStatus.FAILED and send.last_error == f"refused #{CFG.max_attempts}"
+        attempts = s.scalars(select(SendAttempt).where(SendAttempt.send_id == send_id)).all()
+        assert [a.outcome for a in attempts] == ["failed"] * CFG.max_attempts
+        assert attempts[0].detail == "refused #1"
+
+
+def test_record_attempt_success(factory: sessionmaker[Session]) -> None:
+    send_id = _send(factory)
+    work = claim_send(factory, send_id)
+    t = utcnow()
+    assert record_attempt(factory, work, t, t, True, "1.2.3=0x0000", CFG) == (SendStatus.SENT, None)
+    with factory() as s:
+        send = s.get(Send, send_id)
+        assert (send.status, send.sent_at, send.last_error) == (SendStatus.SENT, t, None)
+
+
+def test_recover_resumes_interrupted_send(factory: sessionmaker[Session]) -> None:
+    send_id = _send(factory)
+    assert claim_send(factory, send_id) is not None  # then the process "dies"
+    assert recover(factory) == (0, 1)
+    with factory() as s:
+        assert due_send_ids(s) == [send_id]
+    again = claim_send(factory, send_id)
+    assert again is not None and again.attempt == 2
+
+
+# --- sender thread against a real SCP on loopback ------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Scp:
+    """A pynetdicom storage SCP that keeps what it receives."""
+
+    def __init__(self, port: int) -> None:
+        self.received: list[Dataset] = []
+        ae = AE(ae_title="PACS")
+        ae.add_supported_context(SC_SOP_CLASS, ExplicitVRLittleEndian)
+        ae.add_supported_context("1.2.840.10008.1.1")
+        self.server = ae.start_server(
+            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
+
+    def _store(self, event: evt.Event) -> int:
+        self.received.append(event.dataset)
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def _settings(tmp_path: Path, port: int, outbox: OutboxConfig = CFG) -> Settings:
+    core = CoreConfig(
+        path=tmp_path / "c.toml", models=(ModelConfig("m", "resnet18", tmp_path / "m.pt", "layer4"),)
+    )
+    node = NodeConfig(ae_title="GRADCAM", acse_timeout_s=5, dimse_timeout_s=5, network_timeout_s=5)
+    return Settings(
+        path=tmp_path / "c.toml",
+        core=core,
+        node=node,
+        outbox=outbox,
+        destinations=(Destination("pacs", "PACS", "127.0.0.1", port),),
+        default_destination="pacs",
+    )
+
+
+def _sc_file(path: Path) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = SC_SOP_CLASS
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "PHANTOM"
+    ds.Modality = "OT"
+    ds.Rows = ds.Columns = 4
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(16)
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def _wait_for(pred, timeout: float = 20.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached before the deadline")
+        time.sleep(0.05)
+
+
+def test_sender_retries_until_destination_is_up(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    port = _free_port()
+    settings = _settings(
+        tmp_path, port, OutboxConfig(max_attempts=20, backoff_initial_s=0.2, backoff_max_s=0.5)
+    )
+    send_id = _send(factory, port=port)
+    files = [_sc_file(tmp_path / f"{i}.dcm") for i in range(2)]
+    with factory.begin() as s:
+        job_id = s.get(Send, send_id).job_id
+        for i, ds in enumerate(files):
+            s.add(
+                Output(
+                    job_id=job_id,
+                    kind="sc",
+                    model=f"m{i}",
+                    sop_class_uid=SC_SOP_CLASS,
+                    sop_instance_uid=ds.SOPInstanceUID,
+                    series_instance_uid=ds.SeriesInstanceUID,
+                    path=str(tmp_path / f"{i}.dcm"),
+                )
+            )
+    signal = JobSignal()
+    sender = Sender(settings, factory, signal)
+    sender.start()
+    scp = None
+    try:
+        signal.notify()
+
+        def failures() -> int:
+            with factory() as s:
+                return len(s.scalars(select(SendAttempt).where(SendAttempt.outcome == "failed")).all())
+
+        _wait_for(lambda: failures() >= 2)
+        scp = _Scp(port)
+        _wait_for(lambda: len(scp.received) == 2)
+        # short sessions only: a session holds SQLite's write lock (BEGIN IMMEDIATE) until it ends
+        _wait_for(lambda: _status(factory, send_id) == SendStatus.SENT)
+        with factory() as s:
+            send = s.get(Send, send_id)
+            attempts = s.scalars(select(SendAttempt).where(SendAttempt.send_id == send_id)).all()
+        assert [a.outcome for a in attempts][-1] == "sent"
+        assert all(a.outcome == "failed" and "cannot connect" in a.detail for a in attempts[:-1])
+        assert all(f"{ds.SOPInstanceUID}=0x0000" in attempts[-1].detail for ds in files)
+        assert sorted(d.SOPInstanceUID for d in scp.received) == sorted(d.SOPInstanceUID for d in files)
+        assert send.attempts == len(attempts)
+    finally:
+        sender.stop()
+        sender.join(10)
+        if scp is not None:
+            scp.stop()
+    assert not sender.is_alive()
+
+
+def test_sender_missing_file_is_a_failed_attempt(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    port = _free_port()
+    scp = _Scp(port)
+    settings = _settings(tmp_path, port, replace(CFG, max_attempts=1))
+    send_id = _send(factory, port=port)
+    with factory.begin() as s:
+        s.add(
+            Output(
+                job_id=s.get(Send, send_id).job_id,
+                kind="sc",
+                model="m",
+                sop_class_uid=SC_SOP_CLASS,
+                sop_instance_uid=generate_uid(),
+                series_instance_uid=generate_uid(),
+                path=str(tmp_path / "gone.dcm"),
+            )
+        )
+    signal = JobSignal()
+    sender = Sender(settings, factory, signal)
+    sender.start()
+    try:
+        signal.notify()
+        _wait_for(lambda: _status(factory, send_id) == SendStatus.FAILED)
+        with factory() as s:
+            assert "unreadable" in s.get(Send, send_id).last_error
+    finally:
+        sender.stop()
+        sender.join(10)
+        scp.stop()
+
+
+def _status(factory: sessionmaker[Session], send_id: int) -> SendStatus:
+    with factory() as s:
+        return s.get(Send, send_id).status
+
+
+def test_echo_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    port = _free_port()
+    settings = _settings(tmp_path, port)
+    assert echo_command(settings, "pacs") == 1
+    assert "cannot connect" in capsys.readouterr().out
+    scp = _Scp(port)
+    try:
+        assert echo_command(settings, "pacs") == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"pacs (PACS@127.0.0.1:{port}): OK in ")
+        assert echo_command(settings, "nope") == 1
+        assert "no destination named 'nope'" in capsys.readouterr().out
+    finally:
+        scp.stop()
+
+
+# --- the worker: claim -> analyse -> outputs -> results, outputs and send in one transaction ------------
+
+
+def _dx_file(path: Path, seed: int) -> Dataset:
+    """A small synthetic DX image (64x64, 12 bits) written as DICOM."""
+    rng = np.random.default_rng(seed)
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "PHANTOM^WORKER"
+    ds.PatientID = "PHANTOM-W"
+    ds.Modality = "DX"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = 64
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = rng.integers(0, 4096, (64, 64), dtype=np.uint16).tobytes()
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def _worker_settings(tmp_path: Path) -> Settings:
+    model = ModelConfig(
+        "ResNet18", "resnet18", tmp_path / "resnet18.pt", "layer4", input_size=64, threshold=0.5
+    )
+    torch.manual_seed(0)
+    save_checkpoint(build_model(model), model.checkpoint, {"test": True})
+    core = CoreConfig(path=tmp_path / "c.toml", models=(model,), render=RenderConfig(max_side=128))
+    return Settings(
+        path=tmp_path / "c.toml",
+        core=core,
+        node=NodeConfig(storage_dir=tmp_path / "spool"),
+        worker=WorkerConfig(batch_size=4, max_attempts=2, retry_delay_s=0.2),
+        destinations=(Destination("pacs", "PACS", "127.0.0.1", 104),),
+        default_destination=None,  # callers other than PACS get no send
+    )
+
+
+def _settled(factory: sessionmaker[Session]) -> bool:
+    with factory() as s:
+        return all(j.status in (JobStatus.DONE, JobStatus.FAILED) for j in s.scalars(select(Job)))
+
+
+def test_worker_records_results_and_failures(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    settings = _worker_settings(tmp_path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = [_dx_file(spool / f"good{i}.dcm", i) for i in range(3)]
+    routed = [
+        _job(factory, sop_uid=ds.SOPInstanceUID, path=spool / f"good{i}.dcm", reply_ae="PACS")
+        for i, ds in enumerate(good[:2])
+    ]
+    unrouted = _job(factory, sop_uid=good[2].SOPInstanceUID, path=spool / "good2.dcm", reply_ae="STRANGER")
+    (spool / "garbage.dcm").write_bytes(b"not a DICOM file at all" * 10)
+    garbage = _job(factory, path=spool / "garbage.dcm", reply_ae="PACS")
+    missing = _job(factory, path=spool / "missing.dcm", reply_ae="PACS")
+
+    job_signal, send_signal = JobSignal(), JobSignal()
+    worker = Worker(settings, factory, job_signal, send_signal)
+    worker.start()
+    try:
+        job_signal.notify()
+        _wait_for(lambda: _settled(factory), timeout=60)
+    finally:
+        worker.stop()
+        worker.join(30)
+    assert not worker.is_alive()
+    assert send_signal.pending, "the sender is woken once results are committed"
+
+    with factory() as s:
+        jobs = {j.id: j for j in s.scalars(select(Job))}
+        for job_id in [*routed, unrouted]:
+            job = jobs[job_id]
+            assert job.status == JobStatus.DONE and job.consensus is not None and job.duration_ms > 0
+            results = s.scalars(select(Result).where(Result.job_id == job_id)).all()
+            assert [(r.model, r.positive == (r.probability >= 0.5)) for r in results] == [("ResNet18", True)]
+            outputs = s.scalars(select(Output).where(Output.job_id == job_id)).all()
+            assert sorted(o.kind for o in outputs) == ["sc", "sr"]
+            for o in outputs:
+                written = dcmread(o.path)
+                assert written.SOPInstanceUID == o.sop_instance_uid
+                assert Path(o.path).parent.name == job.instance.sop_instance_uid
+        sends = s.scalars(select(Send)).all()
+        assert sorted(x.job_id for x in sends) == sorted(routed)
+        assert all(x.status == SendStatus.PENDING and x.destination == "pacs" for x in sends)
+        assert jobs[unrouted].reason == "no destination configured"
+        assert jobs[garbage].status == JobStatus.FAILED and jobs[garbage].attempts == 1
+        assert "not readable DICOM" in jobs[garbage].reason
+        # a missing file is an OSError: retried after retry_delay_s, then given up at max_attempts
+        assert jobs[missing].status == JobStatus.FAILED and jobs[missing].attempts == 2
+        assert (
+            "FileNotFoundError" in jobs[missing].reason and "gave up after 2 attempts" in jobs[missing].reason
+        )
+        assert s.scalars(select(Output).where(Output.job_id.in_([garbage, missing]))).all() == []
+    assert not list(spool.rglob("*.tmp"))
