@@ -9,7 +9,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests talk to, as "file:package".
 PEERS  := /usr/bin/storescu:dcmtk /usr/bin/dciodvfy:dicom3tools /usr/sbin/Orthanc:orthanc
 
-.PHONY: run test lint venv peers demo clean
+.PHONY: run test lint venv peers demo clean demo-data demo-checkpoints
 
 venv: $(STAMP)
 
@@ -43,3 +43,20 @@ demo: $(STAMP) peers
 
 clean:
 	rm -rf var out .pytest_cache .ruff_cache
+
+# The demo checkpoints' recipe (CPU, about an hour): phantoms with seeds 1 (train), 2 (threshold
+# calibration) and 3 (held out), the three default models trained with CAM guidance. The files land in
+# var/demo/; checkpoints/README.md says which ones were committed and with what figures.
+DEMO := var/demo
+demo-data: $(STAMP)
+	$(BIN)/gradcam-node phantoms --out $(DEMO)/train --count 2400 --seed 1 --format png
+	$(BIN)/gradcam-node phantoms --out $(DEMO)/val --count 400 --seed 2 --format png
+	$(BIN)/gradcam-node phantoms --out $(DEMO)/test --count 400 --seed 3 --format png
+
+demo-checkpoints: demo-data
+	$(BIN)/gradcam-node train --data $(DEMO)/train --model ResNet18 --epochs 6 --seed 0 \
+		--val-fraction 0.1 --cam-guidance 1.0 --out $(DEMO)/resnet18.pt
+	$(BIN)/gradcam-node train --data $(DEMO)/train --model EfficientNet-B0 --epochs 8 --seed 0 \
+		--val-fraction 0.1 --cam-guidance 1.0 --out $(DEMO)/efficientnet_b0.pt
+	$(BIN)/gradcam-node train --data $(DEMO)/train --model DenseNet121 --epochs 5 --seed 0 \
+		--val-fraction 0.1 --cam-guidance 1.0 --out $(DEMO)/densenet121.pt

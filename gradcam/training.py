@@ -276,6 +276,7 @@ def train_command(core: CoreConfig, args: argparse.Namespace) -> int:
         lr=args.lr,
         device=args.device,
         val_fraction=args.val_fraction,
+        cam_guidance=args.cam_guidance,
     )
     train(cfg, Path(args.data), Path(args.out), opts, core.preprocess.max_pixels)
     return 0
