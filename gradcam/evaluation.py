@@ -122,7 +122,7 @@ def draw_roc(ev: ModelEvaluation, curve: list[RocPoint], path: Path, size: int =
     cv2.circle(img, xy(1 - ev.optimal_specificity, ev.optimal_sensitivity), 6, (0, 160, 0), -1)
     font = cv2.FONT_HERSHEY_SIMPLEX
     cv2.putText(
-        img, f"{ev.model}  AUC {ev.auc:.4f}  (n={ev.n})", (pad, 30), font, 0.6, (0, 0, 0), 1, cv2.LINE_AA
+        img, f"{ev.model}  AUC {ev.auc:.4f}  (n={ev.n})", (pad, 20), font, 0.6, (0, 0, 0), 1, cv2.LINE_AA
     )
     cv2.putText(img, "1 - specificity", (pad + size // 2 - 60, size + pad + 35), font, 0.5, (0, 0, 0), 1)
     cv2.putText(
@@ -135,7 +135,7 @@ def draw_roc(ev: ModelEvaluation, curve: list[RocPoint], path: Path, size: int =
         1,
         cv2.LINE_AA,
     )
-    cv2.putText(img, "sensitivity", (5, pad - 10), font, 0.5, (0, 0, 0), 1)
+    cv2.putText(img, "sensitivity", (5, pad - 6), font, 0.5, (0, 0, 0), 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), img)
 
