@@ -40,14 +40,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import Verification  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from gradcam.config import ModelConfig  # noqa: E402
 from gradcam.models import build_model, load_model, save_checkpoint  # noqa: E402
+from gradcam.phantoms import generate_dataset  # noqa: E402
 from gradcam.preprocess import load_image, to_model_input  # noqa: E402
 from node.config import load_settings  # noqa: E402
 from node.db import Instance, Job, JobStatus, Output, make_engine, session_factory  # noqa: E402
@@ -68,53 +68,11 @@ def free_port() -> int:
 # --- inputs ---------------------------------------------------------------------------------------------
 
 
-def _fallback_phantom(i: int, size: int) -> Dataset:
-    """A synthetic chest-like DX image (two darker lung fields, noise), 12 bits."""
-    rng = np.random.default_rng(i)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
-    lungs = np.exp(-(((xx - 0.3) ** 2 + (yy - 0.5) ** 2) / 0.04)) + np.exp(
-        -(((xx - 0.7) ** 2 + (yy - 0.5) ** 2) / 0.04)
-    )
-    img = (1.0 - 0.6 * lungs) * 3200 + rng.normal(0, 40, (size, size))
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = f"PHANTOM^{i:04d}"
-    ds.PatientID = f"PHANTOM-{i:04d}"
-    ds.Modality = "DX"
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = ds.Columns = size
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.clip(img, 0, 4095).astype(np.uint16).tobytes()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
-
-
 def make_inputs(directory: Path, count: int, seed: int, size: int) -> tuple[list[Path], str]:
-    """``count`` phantom DICOM files: the project's phantom generator when present, else a local one."""
-    try:
-        from gradcam.phantoms import generate_dataset
-    except ImportError:
-        generate_dataset = None
-    if generate_dataset is not None:
-        generate_dataset(directory, count, seed, 0.5, "dicom", size=size)
-        files = sorted(directory.rglob("*.dcm"))
-        if len(files) >= count:
-            return files[:count], f"gradcam.phantoms {size}x{size}"
-    directory.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i in range(count):
-        path = directory / f"phantom_{i:04d}.dcm"
-        _fallback_phantom(seed * 100_000 + i, size).save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files, f"local {size}x{size} phantoms"
+    """``count`` phantom DICOM files from the project's phantom generator."""
+    generate_dataset(directory, count, seed, 0.5, "dicom", size=size)
+    files = sorted(directory.rglob("*.dcm"))[:count]
+    return files, f"gradcam.phantoms {size}x{size}"
 
 
 def checkpoints_for(models: tuple[ModelConfig, ...], directory: Path) -> tuple[tuple[ModelConfig, ...], str]:
