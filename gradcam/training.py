@@ -37,6 +37,7 @@ class TrainOptions:
     device: str = "auto"
     val_fraction: float = 0.2
     cam_guidance: float = 0.0
+    augment: bool = True
 
 
 def pick_device(name: str) -> torch.device:
@@ -187,7 +188,10 @@ def train(cfg: ModelConfig, data: Path, out: Path, opts: TrainOptions, max_pixel
         t0, seen, running = time.perf_counter(), 0, 0.0
         for i in range(0, len(order), opts.batch_size):
             idx = order[i : i + opts.batch_size]
-            pairs = [_augment(x_train[j], box_train[j], rng) for j in idx]
+            if opts.augment:
+                pairs = [_augment(x_train[j], box_train[j], rng) for j in idx]
+            else:
+                pairs = [(x_train[j].astype(np.float32), box_train[j].astype(np.float32)) for j in idx]
             batch = np.stack([p[0] for p in pairs])
             x, y = _to_tensor(batch).to(device), torch.from_numpy(y_train[idx]).to(device)
             if engine is not None:
@@ -250,6 +254,7 @@ def train(cfg: ModelConfig, data: Path, out: Path, opts: TrainOptions, max_pixel
         "batch_size": opts.batch_size,
         "lr": opts.lr,
         "cam_guidance": opts.cam_guidance,
+        "augment": opts.augment,
         "metrics": {"val_auc": best["val_auc"], "val_loss": best["val_loss"]},
         "history": history,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -277,6 +282,7 @@ def train_command(core: CoreConfig, args: argparse.Namespace) -> int:
         device=args.device,
         val_fraction=args.val_fraction,
         cam_guidance=args.cam_guidance,
+        augment=args.augment,
     )
     train(cfg, Path(args.data), Path(args.out), opts, core.preprocess.max_pixels)
     return 0

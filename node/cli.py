@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--val-fraction", type=float, default=0.2, help="phantom folders: share held out for validation"
     )
+    t.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="random affine, exposure and noise jitter of training images (default: on)",
+    )
 
     e = sub.add_parser(
         "evaluate",

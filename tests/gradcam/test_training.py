@@ -100,9 +100,13 @@ def test_train_one_epoch_on_phantoms(
         "cpu",
         "--seed",
         5,
+        "--cam-guidance",
+        0.5,
+        "--no-augment",
     )
     assert result.returncode == 0, result.stderr
     meta = _check_checkpoint(out, "resnet18", epochs=1, seed=5)
+    assert meta["cam_guidance"] == 0.5 and meta["augment"] is False  # the CLI options reach the loop
     assert meta["input_size"] == 64 and meta["target_layer"] == "layer4" and meta["model"] == "ResNet18"
     assert meta["train_images"] + meta["val_images"] == 12 and meta["val_images"] >= 1
     assert hashlib.sha256(out.read_bytes()).hexdigest() in result.stderr
