@@ -62,6 +62,13 @@ demo-checkpoints: demo-data
 	@# chance for 3 epochs even so, with augmentation and guidance: it is trained without either.
 	$(BIN)/gradcam-node train --data $(DEMO)/train --model EfficientNet-B0 --epochs 8 --seed 0 \
 		--input-size 160 --batch-size 16 --lr 3e-4 --val-fraction 0.1 --cam-guidance 0 --no-augment \
-		--out $(DEMO)/efficientnet_b0.pt
+		--out $(DEMO)/efficientnet_b0_base.pt
+	@# ...then fine-tuned from there with augmentation and CAM guidance, so that its maps point at lesions.
+	$(BIN)/gradcam-node train --data $(DEMO)/train --model EfficientNet-B0 --epochs 3 --seed 0 \
+		--input-size 160 --batch-size 16 --lr 1e-4 --val-fraction 0.1 --cam-guidance 1.0 \
+		--init $(DEMO)/efficientnet_b0_base.pt --out $(DEMO)/efficientnet_b0_ft.pt
+	$(BIN)/gradcam-node train --data $(DEMO)/train --model EfficientNet-B0 --epochs 3 --seed 0 \
+		--input-size 160 --batch-size 16 --lr 1e-4 --val-fraction 0.1 --cam-guidance 2.0 \
+		--init $(DEMO)/efficientnet_b0_ft.pt --out $(DEMO)/efficientnet_b0.pt
 	$(BIN)/gradcam-node train --data $(DEMO)/train --model DenseNet121 --epochs 5 --seed 0 \
 		--input-size 160 --batch-size 16 --lr 3e-4 --val-fraction 0.1 --cam-guidance 0.5 --out $(DEMO)/densenet121.pt

@@ -25,6 +25,7 @@ __all__ = [
     "LoadedModel",
     "build_model",
     "read_checkpoint",
+    "check_keys",
     "load_model",
     "save_checkpoint",
     "file_sha256",
@@ -132,7 +133,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return tensors, meta
 
 
-def _check_keys(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def check_keys(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -158,7 +159,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     """Build the architecture, load its checkpoint, switch to eval mode and freeze the parameters."""
     model = build_model(cfg)
     state, meta = read_checkpoint(cfg.checkpoint)
-    _check_keys(cfg.checkpoint, model, state)
+    check_keys(cfg.checkpoint, model, state)
     model.load_state_dict(state, strict=True)
     model.eval()
     for p in model.parameters():

@@ -21,7 +21,7 @@ from gradcam.cam import CamEngine
 from gradcam.config import CoreConfig, ModelConfig
 from gradcam.datasets import Sample, load_samples, split_samples
 from gradcam.metrics import roc_auc
-from gradcam.models import build_model, save_checkpoint
+from gradcam.models import build_model, check_keys, file_sha256, read_checkpoint, save_checkpoint
 from gradcam.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image
 
 __all__ = ["TrainOptions", "train", "train_command", "load_split", "pick_device"]
@@ -38,6 +38,7 @@ class TrainOptions:
     val_fraction: float = 0.2
     cam_guidance: float = 0.0
     augment: bool = True
+    init: Path | None = None
 
 
 def pick_device(name: str) -> torch.device:
@@ -167,7 +168,12 @@ def train(cfg: ModelConfig, data: Path, out: Path, opts: TrainOptions, max_pixel
     x_val, _ = _preload(val_set, size, max_pixels)
     y_val = np.array([s.label for s in val_set], np.int64)
 
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    if opts.init is not None:  # fine-tune: start from a checkpoint of the same architecture
+        state, _ = read_checkpoint(opts.init)
+        check_keys(opts.init, model, state)
+        model.load_state_dict(state)
+    model = model.to(device)
     engine = CamEngine(model, cfg.target_layer) if opts.cam_guidance > 0 else None
     if engine is not None and not engine.is_fast:
         raise ValueError(
@@ -255,6 +261,7 @@ def train(cfg: ModelConfig, data: Path, out: Path, opts: TrainOptions, max_pixel
         "lr": opts.lr,
         "cam_guidance": opts.cam_guidance,
         "augment": opts.augment,
+        "init": None if opts.init is None else {"file": opts.init.name, "sha256": file_sha256(opts.init)},
         "metrics": {"val_auc": best["val_auc"], "val_loss": best["val_loss"]},
         "history": history,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -283,6 +290,7 @@ def train_command(core: CoreConfig, args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         cam_guidance=args.cam_guidance,
         augment=args.augment,
+        init=Path(args.init) if args.init else None,
     )
     train(cfg, Path(args.data), Path(args.out), opts, core.preprocess.max_pixels)
     return 0

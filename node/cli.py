@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="random affine, exposure and noise jitter of training images (default: on)",
     )
+    t.add_argument(
+        "--init",
+        metavar="FILE",
+        help="start from this checkpoint of the same architecture (fine-tuning) instead of random weights",
+    )
 
     e = sub.add_parser(
         "evaluate",

@@ -114,6 +114,14 @@ def test_train_one_epoch_on_phantoms(
     cfg = dataclasses.replace(core_config.model("ResNet18"), checkpoint=out)
     loaded = load_model(cfg)
     assert loaded.meta["seed"] == 5 and loaded.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
+    # Fine-tuning starts from that checkpoint and says so in its meta.
+    tuned = tmp_path / "trained" / "tuned.pt"
+    again = run_cli(
+        "--config", tiny_config_path, "train", "--data", phantoms, "--model", "ResNet18", "--epochs", 1,
+        "--out", tuned, "--batch-size", 4, "--input-size", 64, "--device", "cpu", "--init", out,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert torch.load(tuned, weights_only=True)["meta"]["init"] == {"file": out.name, "sha256": loaded.sha256}
 
 
 def test_training_is_reproducible_with_a_seed(
