@@ -131,6 +131,14 @@ def _inputs(directory: Path, n: int, size: int = 128) -> list[Path]:
     ]
 
 
+def _running_dest(scps: list[CountingScp]) -> CountingScp:
+    """A destination SCP listening on a free port (stopped by the ``scps`` fixture)."""
+    dest = CountingScp(helpers.free_port())
+    dest.start()
+    scps.append(dest)
+    return dest
+
+
 def _storescu(node: RunningNode, files: list[Path]) -> None:
     res = run_tool(
         [dcmtk("storescu"), "-aet", "MODALITY", "-aec", node.ae_title, "127.0.0.1", str(node.port), *files],
@@ -175,9 +183,7 @@ def _uid(path: Path) -> str:
 def test_sigkill_after_ack_then_restart_delivers_once(
     tmp_path: Path, checkpoint_root: Path, nodes: list[RunningNode], scps: list[CountingScp]
 ) -> None:
-    dest = CountingScp(helpers.free_port())
-    dest.start()
-    scps.append(dest)
+    dest = _running_dest(scps)
     node = _start(
         tmp_path / "node",
         checkpoint_root,
@@ -285,9 +291,7 @@ def test_destination_down_then_up(
 def test_sigterm_during_work_stops_cleanly(
     tmp_path: Path, checkpoint_root: Path, nodes: list[RunningNode], scps: list[CountingScp]
 ) -> None:
-    dest = CountingScp(helpers.free_port())
-    dest.start()
-    scps.append(dest)
+    dest = _running_dest(scps)
     node = _start(
         tmp_path / "node",
         checkpoint_root,
