@@ -236,6 +236,29 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> 
     raise TimeoutError(f"node not listening on {port} after {timeout:.0f} s")
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time (user + system, seconds) of a process and of each of its children, by process name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+
+    def one(p: int) -> None:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+            name = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return
+        fields = stat.rsplit(")", 1)[1].split()
+        label = "models process" if any(b"multiprocessing" in part for part in name) else "node process"
+        out[label] = out.get(label, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        for task in Path(f"/proc/{p}/task").iterdir():
+            children = (task / "children").read_text().split() if (task / "children").exists() else []
+            for c in children:
+                one(int(c))
+
+    one(pid)
+    return out
+
+
 # --- run ------------------------------------------------------------------------------------------------
 
 
@@ -308,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = start_node(config, work / "node.log")
         try:
             wait_listening(port, proc, 300)
+            cpu_start = cpu_seconds(proc.pid)  # after start-up (imports, loading the models)
             expected = len(files) * (len(models) + 1)
             sent = subprocess.run(
                 [str(STORESCU), "-aet", "BENCH", "-aec", "GRADCAM", "127.0.0.1", str(port), *map(str, files)],
@@ -319,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             deadline = time.monotonic() + args.timeout
             while receiver.count() < expected and time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.1)
+            cpu_end = cpu_seconds(proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -335,11 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         outcome = collect(f"sqlite:///{work / 'node.db'}", receiver)
         if outcome.failed or len(outcome.done) < len(files):
             print((work / "node.log").read_text(errors="replace")[-4000:], file=sys.stderr)
-        report(per_image, floor, outcome, len(files))
+        cpu = {k: cpu_end.get(k, 0.0) - cpu_start.get(k, 0.0) for k in cpu_end}
+        report(per_image, floor, outcome, len(files), cpu)
     return 0
 
 
-def report(per_image: dict[str, float], floor: float, o: Outcome, n: int) -> None:
+def report(per_image: dict[str, float], floor: float, o: Outcome, n: int, cpu: dict[str, float]) -> None:
     print()
     print(f"{'model':<20}{'forward ms/image':>18}")
     for name, t in per_image.items():
@@ -363,6 +389,10 @@ def report(per_image: dict[str, float], floor: float, o: Outcome, n: int) -> Non
             ("latency p50", f"{np.percentile(lat, 50):.2f} s"),
             ("latency p95", f"{np.percentile(lat, 95):.2f} s"),
         ]
+    threads = torch.get_num_threads()
+    rows.append(("floor, CPU per instance", f"{threads * 1000 / floor:.0f} ms ({threads} threads busy)"))
+    for name, seconds in sorted(cpu.items()):
+        rows.append((f"{name}, CPU per instance", f"{seconds * 1000 / n:.0f} ms"))
     width = max(len(k) for k, _ in rows) + 2
     for k, v in rows:
         print(f"{k:<{width}}{v}")

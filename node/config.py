@@ -46,6 +46,7 @@ class WorkerConfig:
     batch_size: int = 4
     max_attempts: int = 3
     retry_delay_s: float = 5.0
+    inference_threads: int = 0  # torch threads of the model process; 0: all cores but one
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         batch_size=w.int("batch_size", 4, lo=1, hi=256),
         max_attempts=w.int("max_attempts", 3, lo=1, hi=100),
         retry_delay_s=w.float("retry_delay_s", 5.0, lo=0.0),
+        inference_threads=w.int("inference_threads", 0, lo=0, hi=1024),
     )
     w.finish()
 

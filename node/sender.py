@@ -10,12 +10,13 @@ import logging
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,10 +24,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from gradcam.errors import ConfigError
 from node.config import Destination, Settings
 from node.db import SendStatus, utcnow
-from node.outbox import SendWork, as_utc, claim_send, due_send_ids, next_due_at, record_attempt
+from node.outbox import OutgoingFile, SendWork, as_utc, claim_send, due_send_ids, next_due_at, record_attempt
 from node.queue import JobSignal
 
-__all__ = ["Sender", "SC_SOP_CLASS", "SR_SOP_CLASS", "STORED_STATUSES", "store_files", "echo_command"]
+__all__ = [
+    "Sender",
+    "SendOutcome",
+    "SC_SOP_CLASS",
+    "SR_SOP_CLASS",
+    "STORED_STATUSES",
+    "store_files",
+    "store_many",
+    "echo_command",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +47,15 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 _DB_ERROR_PAUSE_S = 1.0
 _RECORD_TRIES = 5
+_SENDS_PER_ASSOC = 16  # due sends to one destination that share an association
+
+# Files are streamed from disk as they are (not decoded and encoded again) when the peer accepts their
+# transfer syntax; see _send_one.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def _where(work: SendWork) -> tuple[str, str, int]:
+    return (work.ae_title, work.host, work.port)
 
 
 def _make_ae(settings: Settings) -> AE:
@@ -67,52 +86,99 @@ def _not_established(assoc: Association, host: str, port: int, timeout: float) -
     return f"no association with {host}:{port} (no answer to the association request)"
 
 
+def _send_one(assoc: Association, msg_id: int, f: OutgoingFile) -> tuple[str, bool, bool]:
+    """C-STORE one file: ``(status text, stored, association still usable)``.
+
+    The file goes out as it lies on disk (no decoding and re-encoding) when the peer accepted its transfer
+    syntax; otherwise it is read and pynetdicom converts it to an accepted one.
+    """
+    try:
+        try:
+            rsp = assoc.send_c_store(f.path, msg_id=msg_id)  # streamed from the file
+        except ValueError:
+            rsp = assoc.send_c_store(dcmread(f.path), msg_id=msg_id)  # needs another transfer syntax
+    except (OSError, InvalidDicomError, AttributeError) as exc:
+        return f"{f.sop_instance_uid}=unreadable ({exc})", False, True
+    except ValueError as exc:
+        # no accepted presentation context for this SOP class / transfer syntax
+        return f"{f.sop_instance_uid}=not sent ({exc})", False, True
+    code = rsp.get("Status")
+    if code is None:
+        return f"{f.sop_instance_uid}=no response (timeout or connection lost)", False, False
+    return f"{f.sop_instance_uid}=0x{int(code):04X}", int(code) in STORED_STATUSES, assoc.is_established
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """What happened to one Send in an association."""
+
+    ok: bool
+    detail: str
+    started: datetime
+    finished: datetime
+
+
+def store_many(settings: Settings, works: list[SendWork]) -> list[SendOutcome]:
+    """C-STORE the files of several sends to one destination over one association, send by send.
+
+    Returns one outcome per send, in order: whether every instance of it was stored and a detail line
+    (per-instance statuses or the error). Sends after a lost association fail with that reason.
+    """
+    started = utcnow()
+    done: dict[int, SendOutcome] = {}
+    for i, w in enumerate(works):
+        if not w.files:
+            done[i] = SendOutcome(False, "no output files recorded for this job", started, started)
+    todo = [(i, w) for i, w in enumerate(works) if w.files]
+    if todo:
+        first = todo[0][1]
+        ae = _make_ae(settings)
+        transfer_syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        classes = {f.sop_class_uid for _, w in todo for f in w.files} | {SC_SOP_CLASS, SR_SOP_CLASS}
+        for sop_class in sorted(classes):
+            ae.add_requested_context(sop_class, transfer_syntaxes)
+        assoc = ae.associate(first.host, first.port, ae_title=first.ae_title, max_pdu=settings.node.max_pdu)
+        if not assoc.is_established:
+            reason = _not_established(assoc, first.host, first.port, settings.node.acse_timeout_s)
+            for i, _ in todo:
+                done[i] = SendOutcome(False, reason, started, utcnow())
+        else:
+            try:
+                _store_over(assoc, todo, done)
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+    return [done[i] for i in range(len(works))]
+
+
+def _store_over(assoc: Association, todo: list[tuple[int, SendWork]], done: dict[int, SendOutcome]) -> None:
+    msg_id = 0
+    for i, w in todo:
+        w_started = utcnow()
+        if not assoc.is_established:
+            done[i] = SendOutcome(False, "association lost before this send", w_started, w_started)
+            continue
+        statuses: list[str] = []
+        ok = True
+        for f in w.files:
+            msg_id += 1
+            text, stored, usable = _send_one(assoc, msg_id, f)
+            statuses.append(text)
+            ok = ok and stored
+            if not usable:
+                statuses.append("association lost")
+                ok = False
+                break
+        done[i] = SendOutcome(ok, "; ".join(statuses), w_started, utcnow())
+
+
 def store_files(settings: Settings, work: SendWork) -> tuple[bool, str]:
     """Open one association to the send's destination and C-STORE all its files.
 
     Returns whether every instance was stored and a detail line (per-instance statuses or the error).
     """
-    if not work.files:
-        return False, "no output files recorded for this job"
-    ae = _make_ae(settings)
-    transfer_syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-    for sop_class in sorted({f.sop_class_uid for f in work.files} | {SC_SOP_CLASS, SR_SOP_CLASS}):
-        ae.add_requested_context(sop_class, transfer_syntaxes)
-    assoc = ae.associate(work.host, work.port, ae_title=work.ae_title, max_pdu=settings.node.max_pdu)
-    if not assoc.is_established:
-        return False, _not_established(assoc, work.host, work.port, settings.node.acse_timeout_s)
-    statuses: list[str] = []
-    ok = True
-    try:
-        for msg_id, f in enumerate(work.files, start=1):
-            try:
-                ds = dcmread(f.path)
-            except (OSError, InvalidDicomError) as exc:
-                statuses.append(f"{f.sop_instance_uid}=unreadable ({exc})")
-                ok = False
-                continue
-            try:
-                rsp = assoc.send_c_store(ds, msg_id=msg_id)
-            except ValueError as exc:
-                # no accepted presentation context for this SOP class / transfer syntax
-                statuses.append(f"{f.sop_instance_uid}=not sent ({exc})")
-                ok = False
-                continue
-            code = rsp.get("Status")
-            if code is None:
-                statuses.append(f"{f.sop_instance_uid}=no response (timeout or connection lost)")
-                ok = False
-                break
-            statuses.append(f"{f.sop_instance_uid}=0x{int(code):04X}")
-            ok = ok and int(code) in STORED_STATUSES
-            if not assoc.is_established:
-                statuses.append("association lost")
-                ok = False
-                break
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return ok, "; ".join(statuses)
+    (outcome,) = store_many(settings, [work])
+    return outcome.ok, outcome.detail
 
 
 class Sender:
@@ -170,32 +236,47 @@ class Sender:
         return max(0.0, (due - utcnow()).total_seconds())
 
     def _drain(self) -> bool:
-        """Send everything due now; True if anything was attempted."""
+        """Send everything due now; True if anything was attempted.
+
+        Consecutive due sends to the same destination share one association (up to ``_SENDS_PER_ASSOC``):
+        each is still claimed, attempted and recorded on its own.
+        """
         with self.factory() as session:
             ids = due_send_ids(session)
         worked = False
+        group: list[SendWork] = []
         for send_id in ids:
             if self._stop.is_set():
                 break
             work = claim_send(self.factory, send_id)
-            if work is not None:
-                self._attempt(work)
-                worked = True
+            if work is None:
+                continue
+            if group and (_where(group[0]) != _where(work) or len(group) >= _SENDS_PER_ASSOC):
+                self._attempt(group)
+                group = []
+            group.append(work)
+            worked = True
+        if group:
+            self._attempt(group)
         return worked
 
-    def _attempt(self, work: SendWork) -> None:
-        started = utcnow()
-        t0 = time.perf_counter()
+    def _attempt(self, works: list[SendWork]) -> None:
         try:
-            ok, detail = store_files(self.settings, work)
+            outcomes = store_many(self.settings, works)
         except Exception as exc:  # noqa: BLE001 - any network-layer surprise is one failed attempt, recorded
-            log.exception("send %d: unexpected error while sending", work.send_id)
-            ok, detail = False, f"unexpected error: {type(exc).__name__}: {exc}"
-        finished = utcnow()
-        status, next_at = self._record(work, started, finished, ok, detail)
-        ms = (time.perf_counter() - t0) * 1000.0
+            ids = ", ".join(str(w.send_id) for w in works)
+            log.exception("sends %s: unexpected error while sending", ids)
+            now = utcnow()
+            failed = SendOutcome(False, f"unexpected error: {type(exc).__name__}: {exc}", now, now)
+            outcomes = [failed] * len(works)
+        for work, outcome in zip(works, outcomes, strict=True):
+            self._log(work, outcome)
+
+    def _log(self, work: SendWork, outcome: SendOutcome) -> None:
+        ms = (outcome.finished - outcome.started).total_seconds() * 1000.0
+        status, next_at = self._record(work, outcome.started, outcome.finished, outcome.ok, outcome.detail)
         where = f"{work.destination} ({work.ae_title}@{work.host}:{work.port})"
-        if ok:
+        if outcome.ok:
             log.info(
                 "send %d job %d -> %s: sent %d instances in %.0f ms (attempt %d)",
                 work.send_id,
@@ -206,14 +287,14 @@ class Sender:
                 work.attempt,
             )
         elif next_at is not None:
-            wait_s = (as_utc(next_at) - finished).total_seconds()
+            wait_s = (as_utc(next_at) - outcome.finished).total_seconds()
             log.warning(
                 "send %d job %d -> %s: attempt %d failed (%s); retry in %.1f s",
                 work.send_id,
                 work.job_id,
                 where,
                 work.attempt,
-                detail,
+                outcome.detail,
                 wait_s,
             )
         else:
@@ -223,7 +304,7 @@ class Sender:
                 work.job_id,
                 where,
                 work.attempt,
-                detail,
+                outcome.detail,
                 status,
             )
 

@@ -14,6 +14,7 @@ import time
 from types import FrameType
 from typing import Any
 
+import torch
 from sqlalchemy.orm import sessionmaker
 
 from node.config import Settings
@@ -43,6 +44,9 @@ def _install_signals(stop: threading.Event) -> dict[int, Any]:
 
 
 def _start_threads(settings: Settings, sessions: sessionmaker) -> tuple[Any, Any, JobSignal]:
+    # this process only resizes and normalises inputs; the models run in their own process, whose cores
+    # torch's idle-spinning thread pool here would only take away
+    torch.set_num_threads(1)
     job_signal, send_signal = JobSignal(), JobSignal()
     models = ", ".join(m.name for m in settings.core.enabled_models)
     log.info("loading models (%s); this can take a few seconds", models)

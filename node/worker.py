@@ -15,25 +15,28 @@ import io
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gradcam.analysis import Analyzer
+from gradcam.analysis import assemble, model_inputs
 from gradcam.errors import InputError
 from gradcam.preprocess import SourceImage, load_dataset_image
 from gradcam.render import render_overlay
 from gradcam.results import AnalysisResult
 from node.config import Settings
 from node.db import Instance, Job, JobStatus, Output, Result, utcnow
+from node.inference import ChildError, InferenceProcess, ModelError
 from node.outbox import create_send
 from node.outputs import build_secondary_capture, build_sr
+from node.outputs.common import reference_header
 from node.queue import JobSignal
 from node.spool import output_path, write_atomic
 
@@ -77,8 +80,18 @@ class _Item:
     t0: float
     image: SourceImage | None = None
     source: pydicom.Dataset | None = None
+    inputs: dict[str, np.ndarray] | None = None
     analysis: AnalysisResult | None = None
     error: BaseException | None = None
+
+
+@dataclass
+class _Batch:
+    """Jobs analysed together; ``sent`` are those handed to the model process as ``request_id``."""
+
+    items: list[_Item]
+    sent: list[_Item] = field(default_factory=list)
+    request_id: int | None = None
 
 
 def _due(now: datetime):  # noqa: ANN202 - an SQLAlchemy boolean clause
@@ -128,7 +141,8 @@ def _describe(exc: BaseException) -> str:
 
 
 class Worker:
-    """Thread that analyses queued jobs in batches; the models are loaded once, here."""
+    """Thread that analyses queued jobs in batches; the models live in a child process (see
+    :mod:`node.inference`), started and loaded here."""
 
     def __init__(
         self,
@@ -141,7 +155,8 @@ class Worker:
         self.factory = sessionmaker
         self.job_signal = job_signal
         self.send_signal = send_signal
-        self.analyzer = Analyzer(settings.core)
+        self.models = InferenceProcess(settings.core, settings.worker.inference_threads)
+        self.models.start()  # raises if a checkpoint cannot be loaded: the node does not start half-able
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
 
@@ -150,13 +165,15 @@ class Worker:
         self._thread.start()
 
     def stop(self) -> None:
-        """Ask the thread to exit after the batch in progress."""
+        """Ask the thread to exit after the batches in progress."""
         self._stop.set()
         self.job_signal.notify()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the thread to exit."""
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.models.stop()
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -164,17 +181,30 @@ class Worker:
     # --- loop -------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Two batches in flight: while the model process runs batch N+1, this thread writes the outputs
+        of batch N (and claims and decodes batch N+2)."""
         log.info(
             "worker started (models: %s; batch size %d)",
-            ", ".join(self.analyzer.models),
+            ", ".join(m.cfg.name for m in self.models.models),
             self.settings.worker.batch_size,
         )
-        while not self._stop.is_set():
+        inflight: _Batch | None = None
+        while True:
+            stopping = self._stop.is_set()
+            timeout: float | None = None
             try:
-                batch = claim_jobs(self.factory, self.settings.worker.batch_size)
-                if batch:
-                    self.process(batch)
+                new = None if stopping else self._claim()
+                if inflight is not None:
+                    self._collect(inflight)
+                if new is not None:
+                    self._submit(new)
+                if inflight is not None:
+                    self._finish(inflight)
+                inflight = new
+                if inflight is not None:
                     continue
+                if stopping:
+                    break
                 timeout = self._wait_time()
             except OperationalError as exc:
                 log.error("worker: database error, retrying in %.0f s: %s", _DB_ERROR_PAUSE_S, exc)
@@ -196,13 +226,71 @@ class Worker:
     # --- one batch --------------------------------------------------------------------------------------
 
     def process(self, batch: list[ClaimedJob]) -> None:
-        """Analyse claimed jobs together and finish each one (done, retry or failed)."""
-        items = [_Item(job, time.perf_counter()) for job in batch]
+        """Analyse claimed jobs together and finish each one (done, retry or failed), without overlap."""
+        work = self._prepare(batch)
+        self._submit(work)
+        self._collect(work)
+        self._finish(work)
+
+    def _claim(self) -> _Batch | None:
+        claimed = claim_jobs(self.factory, self.settings.worker.batch_size)
+        return self._prepare(claimed) if claimed else None
+
+    def _prepare(self, claimed: list[ClaimedJob]) -> _Batch:
+        """Read and decode each image and make its model inputs; a failure stays with its item."""
+        items = [_Item(job, time.perf_counter()) for job in claimed]
+        cfgs = [m.cfg for m in self.models.models]
         for item in items:
             self._load(item)
-        self._analyze([i for i in items if i.error is None])
+            if item.error is None:
+                try:
+                    assert item.image is not None
+                    item.inputs = {k: v.numpy() for k, v in model_inputs([item.image], cfgs).items()}
+                except Exception as exc:  # noqa: BLE001 - classified and stored with the job by _fail
+                    item.error = exc
+        return _Batch(items)
+
+    def _submit(self, batch: _Batch) -> None:
+        """Hand the batch's good items to the model process (it starts at once; this returns)."""
+        batch.sent = [i for i in batch.items if i.error is None and i.inputs is not None]
+        if not batch.sent:
+            return
+        names = list(batch.sent[0].inputs or {})
+        try:
+            stacked = {n: np.concatenate([i.inputs[n] for i in batch.sent if i.inputs]) for n in names}
+            batch.request_id = self.models.submit(stacked)
+        except Exception as exc:  # noqa: BLE001 - the model process could not be (re)started
+            for i in batch.sent:
+                i.error = exc if isinstance(exc, TRANSIENT_ERRORS) else RuntimeError(_describe(exc))
+            batch.sent = []
+        for i in batch.items:
+            i.inputs = None
+
+    def _collect(self, batch: _Batch) -> None:
+        """Wait for the model process's answer and map each image's CAMs to the source."""
+        if batch.request_id is None or not batch.sent:
+            return
+        try:
+            answers = self.models.collect(batch.request_id)
+        except Exception as exc:  # noqa: BLE001 - the child died: transient, the jobs are retried
+            for i in batch.sent:
+                i.error = exc if isinstance(exc, TRANSIENT_ERRORS) else RuntimeError(_describe(exc))
+            return
+        for item, answer in zip(batch.sent, answers, strict=True):
+            if isinstance(answer, ChildError):
+                item.error = answer.exception()
+                continue
+            try:
+                assert item.image is not None
+                raw = {name: [out] for name, out in answer.items()}
+                (item.analysis,) = assemble([item.image], self.models.models, raw)
+            except Exception as exc:  # noqa: BLE001 - classified and stored with the job by _fail
+                item.error = exc
+
+    def _finish(self, batch: _Batch) -> None:
+        """Write outputs and record each job (done, retry or failed); wake the sender once."""
         sent = False
-        for item in items:
+        for item in batch.items:
             if item.error is None:
                 try:
                     sent = self._complete(item) or sent
@@ -222,25 +310,6 @@ class Worker:
             item.error = PermanentError(f"spool file is not readable DICOM: {_describe(exc)}")
         except Exception as exc:  # noqa: BLE001 - classified and stored with the job by _fail
             item.error = exc
-
-    def _analyze(self, items: list[_Item]) -> None:
-        if not items:
-            return
-        try:
-            results = self.analyzer.analyze([i.image for i in items])
-        except Exception as exc:  # noqa: BLE001
-            if len(items) == 1:
-                items[0].error = exc
-                return
-            # Find the culprit: one image at a time, so the others still get their results.
-            log.warning(
-                "batch of %d failed (%s); analysing its images one by one", len(items), _describe(exc)
-            )
-            for i in items:
-                self._analyze([i])
-            return
-        for i, result in zip(items, results, strict=True):
-            i.analysis = result
 
     def _complete(self, item: _Item) -> bool:
         """Write the outputs and record the job as done; True if a send was queued."""
@@ -302,10 +371,13 @@ class Worker:
         results = list(item.analysis.models.values())
         datasets: list[tuple[str, str | None, pydicom.Dataset]] = []
         try:
+            ref = reference_header(item.source)
             for n, r in enumerate(results, start=1):
                 overlay = render_overlay(item.image, r, self.settings.core.render)
-                datasets.append(("sc", r.model, build_secondary_capture(item.source, overlay, r, cfg, n)))
-            datasets.append(("sr", None, build_sr(item.source, results, item.analysis.consensus, cfg)))
+                sc = build_secondary_capture(item.source, overlay, r, cfg, n, ref=ref)
+                datasets.append(("sc", r.model, sc))
+            sr = build_sr(item.source, results, item.analysis.consensus, cfg, ref=ref)
+            datasets.append(("sr", None, sr))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise PermanentError(f"cannot build outputs: {_describe(exc)}") from exc
         rows = []
@@ -336,7 +408,7 @@ class Worker:
         exc = item.error
         assert exc is not None
         job = item.job
-        if isinstance(exc, InputError | PermanentError):
+        if isinstance(exc, InputError | PermanentError | ModelError):
             reason, transient = _describe(exc), False
         elif isinstance(exc, TRANSIENT_ERRORS):
             reason, transient = f"{type(exc).__name__}: {_describe(exc)}", True

@@ -92,15 +92,17 @@ def build_secondary_capture(
     result: ModelResult,
     outputs: OutputsConfig,
     instance_number: int = 1,
+    ref: Dataset | None = None,
 ) -> Dataset:
     """One Secondary Capture (RGB, explicit VR little endian) of ``overlay`` in the source's study.
 
     Patient and study attributes are the source's, the series is the study's SC series of this node
     (:func:`node.outputs.uids.sc_series_uid`), the SOP Instance UID is deterministic
-    (:func:`node.outputs.uids.sc_instance_uid`). Raises ValueError/TypeError for a bad overlay or source.
+    (:func:`node.outputs.uids.sc_instance_uid`). ``ref`` is :func:`node.outputs.common.reference_header`
+    of ``source`` when the caller has it already. Raises ValueError/TypeError for a bad overlay or source.
     """
     pixels = _check_overlay(overlay)
-    ref = reference_header(source)
+    ref = reference_header(source) if ref is None else ref
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ref,
         pixel_array=pixels,

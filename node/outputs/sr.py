@@ -50,6 +50,8 @@ from node.outputs.uids import DEVICE_UID, sr_instance_uid, sr_series_uid, tracki
 
 __all__ = [
     "build_sr",
+    "sr_content",
+    "sr_document_arguments",
     "read_sr_findings",
     "SRFindings",
     "ModelFinding",
@@ -223,14 +225,32 @@ def _library_entry(ref: Dataset) -> Dataset:
     return entry
 
 
-def build_sr(source: Dataset, results: list[ModelResult], consensus: bool, outputs: OutputsConfig) -> Dataset:
-    """One Comprehensive 3D SR with every model's finding and the consensus, in the source's study.
+def _evidence_stand_in(root: Dataset, ref: Dataset) -> Dataset:
+    """The report's root container holding only a reference to the source image.
 
-    Raises ValueError when ``results`` is empty or the source lacks what an SR must reference.
+    :class:`highdicom.sr.Comprehensive3DSR` deep-copies the content tree it is given and searches all of
+    it for referenced instances (the Current Requested Procedure Evidence); that was most of the time the
+    node spent per image. Every reference in this report is to the one source image, so the document is
+    made from this stand-in, which yields the same evidence, and the real content sequence is set right
+    after (``test_sr_equals_the_plain_highdicom_document`` checks the two agree element for element).
     """
-    if not results:
-        raise ValueError("build_sr: at least one model result is needed")
-    ref = reference_header(source)
+    stand_in = Dataset()
+    for element in root:
+        if element.keyword != "ContentSequence":
+            stand_in.add(element)
+    stand_in.ContentSequence = [
+        hd.sr.ImageContentItem(
+            name=codes.DCM.SourceImageForImageProcessingOperation,
+            referenced_sop_class_uid=ref.SOPClassUID,
+            referenced_sop_instance_uid=ref.SOPInstanceUID,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    ]
+    return stand_in
+
+
+def sr_content(ref: Dataset, results: list[ModelResult], consensus: bool) -> hd.sr.ContainerContentItem:
+    """The TID 1500 content tree (root container) of the report on one image."""
     groups = [_model_group(ref, r) for r in results] + [_consensus_group(ref, results, consensus)]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(),
@@ -240,23 +260,48 @@ def build_sr(source: Dataset, results: list[ModelResult], consensus: bool, outpu
     )
     root = report[0]
     root.ContentSequence.append(_comment(results, consensus))  # TID 1500 is extensible
+    return root
+
+
+def sr_document_arguments(source: Dataset, results: list[ModelResult], outputs: OutputsConfig) -> dict:
+    """Everything but evidence and content that :class:`highdicom.sr.Comprehensive3DSR` is given."""
     names = ", ".join(r.model for r in results)
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[ref],
-        content=root,
-        series_instance_uid=sr_series_uid(str(source.StudyInstanceUID)),
-        series_number=outputs.sr_series_number,
-        sop_instance_uid=sr_instance_uid(str(source.SOPInstanceUID), results),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=False,  # a research output is never the definitive report
-        is_verified=False,
-        contributing_equipment=[processing_equipment(f"pneumonia classification by {names}")],
-        series_description=lo(outputs.sr_series_description),
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=SOFTWARE_VERSION,
-    )
+    return {
+        "series_instance_uid": sr_series_uid(str(source.StudyInstanceUID)),
+        "series_number": outputs.sr_series_number,
+        "sop_instance_uid": sr_instance_uid(str(source.SOPInstanceUID), results),
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+        "is_complete": True,
+        "is_final": False,  # a research output is never the definitive report
+        "is_verified": False,
+        "contributing_equipment": [processing_equipment(f"pneumonia classification by {names}")],
+        "series_description": lo(outputs.sr_series_description),
+        "manufacturer_model_name": MODEL_NAME,
+        "software_versions": SOFTWARE_VERSION,
+    }
+
+
+def build_sr(
+    source: Dataset,
+    results: list[ModelResult],
+    consensus: bool,
+    outputs: OutputsConfig,
+    ref: Dataset | None = None,
+) -> Dataset:
+    """One Comprehensive 3D SR with every model's finding and the consensus, in the source's study.
+
+    ``ref`` is :func:`node.outputs.common.reference_header` of ``source`` when the caller has it already.
+    Raises ValueError when ``results`` is empty or the source lacks what an SR must reference.
+    """
+    if not results:
+        raise ValueError("build_sr: at least one model result is needed")
+    ref = reference_header(source) if ref is None else ref
+    root = sr_content(ref, results, consensus)
+    arguments = sr_document_arguments(source, results, outputs)
+    sr = hd.sr.Comprehensive3DSR(evidence=[ref], content=_evidence_stand_in(root, ref), **arguments)
+    sr.ContentSequence = root.ContentSequence
+    sr._content = hd.sr.ContentSequence([root], is_root=True)  # what highdicom's own constructor keeps
     copy_patient_study(source, sr)
     return sr
 

@@ -4,6 +4,8 @@ model, real files)."""
 
 from __future__ import annotations
 
+import os
+import signal as signal_module
 import socket
 import threading
 import time
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from pydicom import Dataset, dcmread
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,9 +40,18 @@ from node.db import (
     session_factory,
     utcnow,
 )
-from node.outbox import backoff_delay, claim_send, create_send, due_send_ids, next_due_at, record_attempt
+from node.outbox import (
+    OutgoingFile,
+    SendWork,
+    backoff_delay,
+    claim_send,
+    create_send,
+    due_send_ids,
+    next_due_at,
+    record_attempt,
+)
 from node.queue import JobSignal
-from node.sender import SC_SOP_CLASS, Sender, echo_command
+from node.sender import SC_SOP_CLASS, Sender, echo_command, store_many
 from node.worker import Worker, claim_jobs
 
 CFG = OutboxConfig(max_attempts=4, backoff_initial_s=2.0, backoff_max_s=10.0)
@@ -236,17 +247,22 @@ def _free_port() -> int:
 class _Scp:
     """A pynetdicom storage SCP that keeps what it receives."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, syntax: str = ExplicitVRLittleEndian) -> None:
         self.received: list[Dataset] = []
+        self.syntaxes: list[str] = []
+        self.associations = 0
         ae = AE(ae_title="PACS")
-        ae.add_supported_context(SC_SOP_CLASS, ExplicitVRLittleEndian)
+        ae.add_supported_context(SC_SOP_CLASS, syntax)
         ae.add_supported_context("1.2.840.10008.1.1")
-        self.server = ae.start_server(
-            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
-        )
+        handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_ACCEPTED, self._accepted)]
+        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+
+    def _accepted(self, _event: evt.Event) -> None:
+        self.associations += 1
 
     def _store(self, event: evt.Event) -> int:
         self.received.append(event.dataset)
+        self.syntaxes.append(str(event.context.transfer_syntax))
         return 0x0000
 
     def stop(self) -> None:
@@ -501,3 +517,76 @@ def test_worker_records_results_and_failures(factory: sessionmaker[Session], tmp
         )
         assert s.scalars(select(Output).where(Output.job_id.in_([garbage, missing]))).all() == []
     assert not list(spool.rglob("*.tmp"))
+
+
+def _work(send_id: int, port: int, files: list[Path]) -> SendWork:
+    outgoing = tuple(OutgoingFile(SC_SOP_CLASS, dcmread(f).SOPInstanceUID, f, "sc", "m") for f in files)
+    return SendWork(send_id, send_id, "pacs", "PACS", "127.0.0.1", port, 1, outgoing)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_store_many_shares_one_association(tmp_path: Path, syntax: str) -> None:
+    """Several sends go over one association, each with its own outcome; files the peer takes in their own
+    transfer syntax are streamed as they are, others are converted (implicit VR only peer)."""
+    port = _free_port()
+    scp = _Scp(port, syntax)
+    settings = _settings(tmp_path, port)
+    paths = [tmp_path / f"{i}.dcm" for i in range(4)]
+    written = {ds.SOPInstanceUID: ds for ds in (_sc_file(p) for p in paths)}
+    works = [
+        _work(1, port, paths[:2]),
+        _work(2, port, [paths[2]]),
+        _work(3, port, [paths[3]]),
+    ]
+    paths[3].unlink()  # the third send's file is gone: that send fails, the others do not
+    try:
+        outcomes = store_many(settings, works)
+    finally:
+        scp.stop()
+    assert [o.ok for o in outcomes] == [True, True, False]
+    assert "unreadable" in outcomes[2].detail
+    assert scp.associations == 1
+    assert scp.syntaxes == [syntax] * 3
+    for got in scp.received:
+        sent = written[got.SOPInstanceUID]
+        assert got.PixelData == sent.PixelData and got.PatientID == sent.PatientID
+    assert all(o.started <= o.finished for o in outcomes)
+
+
+def test_store_many_reports_a_refused_association_for_every_send(tmp_path: Path) -> None:
+    port = _free_port()  # nobody listens
+    paths = [tmp_path / f"{i}.dcm" for i in range(2)]
+    for p in paths:
+        _sc_file(p)
+    outcomes = store_many(_settings(tmp_path, port), [_work(1, port, paths[:1]), _work(2, port, paths[1:])])
+    assert [o.ok for o in outcomes] == [False, False]
+    assert all("cannot connect" in o.detail for o in outcomes)
+
+
+def test_worker_replaces_a_dead_model_process(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    """The models run in a child process; if it dies, the next batch starts a new one and jobs still
+    complete. Stopping the worker stops the child."""
+    settings = _worker_settings(tmp_path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    job_signal, send_signal = JobSignal(), JobSignal()
+    worker = Worker(settings, factory, job_signal, send_signal)
+    first = worker.models._proc
+    assert first is not None and first.is_alive()
+    worker.start()
+    try:
+        os.kill(first.pid, signal_module.SIGKILL)
+        first.join(10)
+        ds = _dx_file(spool / "a.dcm", 1)
+        job_id = _job(factory, sop_uid=ds.SOPInstanceUID, path=spool / "a.dcm", reply_ae="PACS")
+        job_signal.notify()
+        _wait_for(lambda: _settled(factory), timeout=120)
+        second = worker.models._proc
+    finally:
+        worker.stop()
+        worker.join(60)
+    with factory() as s:
+        job = s.get(Job, job_id)
+        assert job.status == JobStatus.DONE, job.reason
+    assert second is not None and second.pid != first.pid
+    assert not second.is_alive(), "the model process ends with the worker"

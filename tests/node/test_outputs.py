@@ -528,3 +528,42 @@ def test_character_set_follows_the_source(tmp_path: Path) -> None:
         assert ds.SpecificCharacterSet == "ISO_IR 100" and str(ds.PatientName) == "MÜLLER^JÖRG"
     assert_valid(tmp_path / "sc1.dcm")
     assert_valid(tmp_path / "sr.dcm")
+
+
+@pytest.mark.parametrize("modality", ["DX", "CR"])
+def test_sr_equals_the_plain_highdicom_document(modality: str) -> None:
+    """build_sr gives highdicom an evidence stand-in instead of the whole content tree (it is several times
+    faster); the document must be the one highdicom makes from the real content, element for element."""
+    from node.outputs.common import copy_patient_study, reference_header
+    from node.outputs.sr import sr_content, sr_document_arguments
+
+    source = make_source(modality)
+    if modality == "CR":
+        del source.ImagerPixelSpacing  # CR without projection geometry: the image library's other branch
+    rs = three_results()
+    fast = build_sr(source, rs, consensus_of(rs), OUTPUTS)
+    ref = reference_header(source)
+    plain = hd.sr.Comprehensive3DSR(
+        evidence=[ref],
+        content=sr_content(ref, rs, consensus_of(rs)),
+        **sr_document_arguments(source, rs, OUTPUTS),
+    )
+    copy_patient_study(source, plain)
+    # the creation times differ by the microseconds between the two calls; nothing else may
+    timed = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime")
+    for ds in (fast, plain):
+        for keyword in timed:
+            ds.pop(keyword, None)
+        for item in ds.ContributingEquipmentSequence:
+            item.pop("ContributionDateTime", None)
+    assert "CurrentRequestedProcedureEvidenceSequence" in fast
+    assert _encoded(fast) == _encoded(plain)
+    assert fast.content[0].ContentSequence == plain.content[0].ContentSequence  # the in-memory tree too
+
+
+def _encoded(ds: Dataset) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

@@ -1,0 +1,226 @@
+"""The models in a process of their own.
+
+The node's other threads (the C-STORE server, the worker's output writing, the sender) are Python and hold
+the GIL most of the time; pynetdicom even polls. A PyTorch forward pass in the same process waits for the
+GIL between operators, and was measured ten times slower while a Python thread was busy. So the models run
+in a child process with ``inference_threads`` intra-op threads (default: all cores but one, which is left to
+the node's Python work), and the worker overlaps writing one batch's outputs with the next batch's
+inference.
+
+Protocol over one pipe: the parent sends ``(request_id, {model: input batch as a numpy array})``; the child
+answers ``(request_id, [per image: {model: RawOutput} | ChildError])``. A batch that fails as a whole is run
+again one image at a time in the child, so one bad image never fails the others. The child ignores SIGINT
+and SIGTERM (the node stops it after its last batch) and exits when the pipe closes, so it never outlives the
+node. If it dies, the batch in flight fails with a transient error and the next batch starts a new child.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from gradcam.analysis import LoadedModelInfo, RawOutput
+from gradcam.config import CoreConfig
+from gradcam.errors import InputError
+
+__all__ = ["ChildError", "InferenceProcess", "ModelError", "default_threads"]
+
+log = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 600.0  # importing torch and loading three checkpoints; generous for slow disks
+_POLL_S = 0.5
+
+
+def default_threads() -> int:
+    """All cores but one (at least one): the node's Python threads get the remaining core."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+@dataclass(frozen=True)
+class ChildError:
+    """Why the models failed on one image: ``kind`` is ``input``, ``transient`` or ``unexpected``."""
+
+    kind: str
+    type_name: str
+    message: str
+
+    def exception(self) -> BaseException:
+        """The error as the worker classifies it (InputError permanent, RuntimeError transient)."""
+        text = f"{self.type_name}: {self.message}" if self.message else self.type_name
+        if self.kind == "input":
+            return InputError("image", self.message or self.type_name)
+        if self.kind == "transient":
+            return RuntimeError(text)
+        return ModelError(f"unexpected error in the models: {text}")
+
+
+class ModelError(Exception):
+    """The models failed on an image for a reason that another try will not change."""
+
+
+def _classify(exc: BaseException) -> ChildError:
+    if isinstance(exc, InputError):
+        kind = "input"
+    elif isinstance(exc, RuntimeError | MemoryError | OSError):
+        kind = "transient"  # torch out of memory, a resource exhausted for now
+    else:
+        kind = "unexpected"
+    return ChildError(kind, type(exc).__name__, str(exc).strip())
+
+
+def _child_main(conn: Connection, core: CoreConfig, threads: int) -> None:  # pragma: no cover - child
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import torch
+
+    from gradcam.analysis import Analyzer
+
+    torch.set_num_threads(threads)
+    try:
+        analyzer = Analyzer(core)
+        analyzer.warm_up()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which refuses to start
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", analyzer.infos))
+    log_child = logging.getLogger("node.inference.child")
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the node is gone
+        if msg is None:
+            return
+        request_id, inputs = msg
+        conn.send((request_id, _run_batch(analyzer, inputs, log_child)))
+
+
+def _run_batch(analyzer: Any, inputs: dict[str, np.ndarray], log_child: logging.Logger) -> list[Any]:
+    import torch
+
+    n = len(next(iter(inputs.values())))
+    try:
+        with torch.inference_mode():
+            raw = analyzer.run({k: torch.from_numpy(v) for k, v in inputs.items()})
+        return [{name: outs[i] for name, outs in raw.items()} for i in range(n)]
+    except Exception as exc:  # noqa: BLE001 - classified per image below
+        if n == 1:
+            log_child.warning("model error: %s", exc, exc_info=True)
+            return [_classify(exc)]
+    # find the culprit: one image at a time, so the others still get their results
+    one_by_one = ({k: v[i : i + 1] for k, v in inputs.items()} for i in range(n))
+    return [_run_batch(analyzer, one, log_child)[0] for one in one_by_one]
+
+
+class InferenceProcess:
+    """The parent's handle on the model process: start, run a batch, stop. One caller thread at a time."""
+
+    def __init__(self, core: CoreConfig, threads: int = 0) -> None:
+        self.core = core
+        self.threads = threads if threads > 0 else default_threads()
+        self.models: list[LoadedModelInfo] = []
+        self._ctx = mp.get_context("spawn")  # never fork a process that has threads and torch state
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._next_id = 0
+        self._lock = threading.Lock()
+
+    # --- life cycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the child and wait until its models are loaded; raises RuntimeError if they cannot be."""
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(
+            target=_child_main, args=(child, self.core, self.threads), name="gradcam-models", daemon=True
+        )
+        proc.start()
+        child.close()
+        try:
+            if not parent.poll(_START_TIMEOUT_S):
+                raise RuntimeError(f"model process not ready after {_START_TIMEOUT_S:.0f} s")
+            status, detail = parent.recv()
+        except (EOFError, OSError) as exc:
+            proc.join(5)
+            raise RuntimeError(f"model process exited during start-up (exit code {proc.exitcode})") from exc
+        except BaseException:
+            proc.kill()
+            raise
+        if status != "ready":
+            proc.join(5)
+            raise RuntimeError(f"cannot load the models: {detail}")
+        self._proc, self._conn, self.models = proc, parent, list(detail)
+        log.info("model process %d ready (%d torch threads)", proc.pid, self.threads)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the child to exit (after the batch it is running) and wait; kill it if it does not."""
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if proc is None or conn is None:
+            return
+        try:
+            conn.send(None)
+        except OSError:
+            pass
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        conn.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    # --- work -------------------------------------------------------------------------------------------
+
+    def submit(self, inputs: dict[str, np.ndarray]) -> int:
+        """Send one batch; returns the id to :meth:`collect` it by. A dead child is replaced first."""
+        with self._lock:
+            if not self.alive:
+                self.stop(0)
+                self.start()
+            assert self._conn is not None
+            self._next_id += 1
+            self._conn.send((self._next_id, inputs))
+            return self._next_id
+
+    def collect(self, request_id: int) -> list[dict[str, RawOutput] | ChildError]:
+        """Wait for the answer to ``request_id``. Raises RuntimeError if the child dies meanwhile."""
+        conn, proc = self._conn, self._proc
+        if conn is None or proc is None:
+            raise RuntimeError("model process is not running")
+        while True:
+            try:
+                if conn.poll(_POLL_S):
+                    got_id, answer = conn.recv()
+                    if got_id == request_id:
+                        return answer
+                    log.warning("discarding a stale answer from the model process (%s)", got_id)
+                    continue
+            except (EOFError, OSError) as exc:
+                self._died()
+                raise RuntimeError(f"model process died (exit code {proc.exitcode})") from exc
+            if not proc.is_alive():
+                self._died()
+                raise RuntimeError(f"model process died (exit code {proc.exitcode})")
+
+    def _died(self) -> None:
+        proc = self._proc
+        if proc is not None:
+            proc.join(1)
+            log.error(
+                "model process %d exited with code %s; a new one starts with the next batch",
+                proc.pid,
+                proc.exitcode,
+            )
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
