@@ -9,7 +9,9 @@ process. Prints, against a floor measured in the same run on the same preprocess
   Grad-CAM, no decoding, no DICOM, no network): what the node could do if everything else were free;
 * throughput: instances per second from the first acknowledgement (``instances.received_at``) to the
   last output received at the destination, and its ratio to the floor (the target is >= 0.8);
-* latency p50/p95: from an instance's acknowledgement to the arrival of its last output.
+* latency p50/p95: from an instance's acknowledgement to the arrival of its last output;
+* CPU per instance of the node process and of its model process (from /proc, start-up excluded), next to
+  the floor's (its per-image time times the torch threads it keeps busy): where the time goes.
 
 Usage::
 
@@ -51,6 +53,7 @@ from gradcam.phantoms import generate_dataset  # noqa: E402
 from gradcam.preprocess import load_image, to_model_input  # noqa: E402
 from node.config import load_settings  # noqa: E402
 from node.db import Instance, Job, JobStatus, Output, make_engine, session_factory  # noqa: E402
+from node.inference import default_threads  # noqa: E402
 
 __all__ = ["main"]
 
@@ -177,6 +180,7 @@ def write_config(
         "min_free_disk_mb = 0",
         "[worker]",
         f"batch_size = {base.worker.batch_size}",
+        f"inference_threads = {base.worker.inference_threads}",
         "max_attempts = 3",
         "retry_delay_s = 1",
         "[outbox]",
@@ -318,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"inputs: {len(files)} ({source}); models: {', '.join(m.name for m in models)} "
             f"({weights} weights); "
-            f"batch size {batch}; torch threads {torch.get_num_threads()}",
+            f"batch size {batch}; torch threads {torch.get_num_threads()} (floor), "
+            f"{base.worker.inference_threads or default_threads()} (node's model process)",
             flush=True,
         )
         print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)

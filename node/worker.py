@@ -1,12 +1,13 @@
-"""The analysis thread: claims queued jobs in batches, runs every enabled model with Grad-CAM, writes the
-Secondary Capture overlays and the SR, and records everything (results, outputs, the send) in one
-transaction.
+"""The analysis thread: claims queued jobs in batches, has the model process (:mod:`node.inference`) run
+every enabled model with Grad-CAM on them, writes the Secondary Capture overlays and the SR, and records
+everything (results, outputs, the send) in one transaction. Two batches are in flight: while the model
+process runs one, this thread writes the outputs of the one before.
 
 Failures are sorted in two kinds. *Permanent*: the image cannot be analysed (an :class:`InputError`, a file
 that is not DICOM, outputs that cannot be built): the job is ``failed`` with the reason at once.
-*Transient*: the disk, the database, or torch running out of memory: the job is queued again after
-``worker.retry_delay_s``, up to ``worker.max_attempts`` attempts in all. One bad image never fails the rest
-of its batch.
+*Transient*: the disk, the database, torch running out of memory or the model process dying: the job is
+queued again after ``worker.retry_delay_s``, up to ``worker.max_attempts`` attempts in all. One bad image
+never fails the rest of its batch.
 """
 
 from __future__ import annotations
@@ -224,13 +225,6 @@ class Worker:
         return None if due is None else max(0.0, (due - utcnow()).total_seconds())
 
     # --- one batch --------------------------------------------------------------------------------------
-
-    def process(self, batch: list[ClaimedJob]) -> None:
-        """Analyse claimed jobs together and finish each one (done, retry or failed), without overlap."""
-        work = self._prepare(batch)
-        self._submit(work)
-        self._collect(work)
-        self._finish(work)
 
     def _claim(self) -> _Batch | None:
         claimed = claim_jobs(self.factory, self.settings.worker.batch_size)
