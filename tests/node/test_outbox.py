@@ -590,3 +590,28 @@ def test_worker_replaces_a_dead_model_process(factory: sessionmaker[Session], tm
         assert job.status == JobStatus.DONE, job.reason
     assert second is not None and second.pid != first.pid
     assert not second.is_alive(), "the model process ends with the worker"
+
+
+def test_model_process_death_mid_batch_is_a_transient_error(tmp_path: Path) -> None:
+    """A child killed while it runs a batch: collect() raises RuntimeError (the worker retries the jobs),
+    and the next submit starts a new child that answers."""
+    from node.inference import InferenceProcess
+
+    settings = _worker_settings(tmp_path)
+    models = InferenceProcess(settings.core, threads=1)
+    models.start()
+    try:
+        (info,) = models.models
+        big = {info.cfg.name: np.zeros((16, 3, 512, 512), np.float32)}  # long enough to be killed inside
+        first = models._proc
+        request = models.submit(big)
+        os.kill(first.pid, signal_module.SIGKILL)
+        with pytest.raises(RuntimeError, match="model process died"):
+            models.collect(request)
+        small = {info.cfg.name: np.zeros((2, 3, 64, 64), np.float32)}
+        answers = models.collect(models.submit(small))
+        assert models._proc.pid != first.pid
+        assert len(answers) == 2 and all(0.0 <= a[info.cfg.name].probability <= 1.0 for a in answers)
+    finally:
+        models.stop()
+    assert models._proc is None
