@@ -62,6 +62,7 @@ class OutboxConfig:
     max_attempts: int = 12
     backoff_initial_s: float = 2.0
     backoff_max_s: float = 300.0
+    associations: int = 2  # sending threads, each with its own association
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         max_attempts=b.int("max_attempts", 12, lo=1, hi=1000),
         backoff_initial_s=b.float("backoff_initial_s", 2.0, lo=0.0),
         backoff_max_s=b.float("backoff_max_s", 300.0, lo=0.0),
+        associations=b.int("associations", 2, lo=1, hi=16),
     )
     b.finish()
 

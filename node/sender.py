@@ -35,6 +35,7 @@ __all__ = [
     "STORED_STATUSES",
     "store_files",
     "store_many",
+    "Link",
     "echo_command",
 ]
 
@@ -47,7 +48,7 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 _DB_ERROR_PAUSE_S = 1.0
 _RECORD_TRIES = 5
-_SENDS_PER_ASSOC = 16  # due sends to one destination that share an association
+_LINGER_S = 1.0  # an idle association to a destination is kept this long for the next results
 
 # Files are streamed from disk as they are (not decoded and encoded again) when the peer accepts their
 # transfer syntax; see _send_one.
@@ -118,58 +119,77 @@ class SendOutcome:
     finished: datetime
 
 
-def store_many(settings: Settings, works: list[SendWork]) -> list[SendOutcome]:
-    """C-STORE the files of several sends to one destination over one association, send by send.
+def _no_files() -> SendOutcome:
+    now = utcnow()
+    return SendOutcome(False, "no output files recorded for this job", now, now)
 
-    Returns one outcome per send, in order: whether every instance of it was stored and a detail line
-    (per-instance statuses or the error). Sends after a lost association fail with that reason.
+
+class Link:
+    """One association to one destination, used for send after send until :meth:`close`.
+
+    The node's outputs are SC and SR objects; both classes are always proposed, with explicit and
+    implicit VR little endian. A refused association is remembered as :attr:`error`: every send given to
+    the link then fails with it, without another connection attempt.
     """
-    started = utcnow()
-    done: dict[int, SendOutcome] = {}
-    for i, w in enumerate(works):
-        if not w.files:
-            done[i] = SendOutcome(False, "no output files recorded for this job", started, started)
-    todo = [(i, w) for i, w in enumerate(works) if w.files]
-    if todo:
-        first = todo[0][1]
+
+    def __init__(self, settings: Settings, work: SendWork) -> None:
+        self.where = _where(work)
+        self.error: str | None = None
+        self._msg_id = 0
         ae = _make_ae(settings)
         transfer_syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        classes = {f.sop_class_uid for _, w in todo for f in w.files} | {SC_SOP_CLASS, SR_SOP_CLASS}
+        classes = {f.sop_class_uid for f in work.files} | {SC_SOP_CLASS, SR_SOP_CLASS}
         for sop_class in sorted(classes):
             ae.add_requested_context(sop_class, transfer_syntaxes)
-        assoc = ae.associate(first.host, first.port, ae_title=first.ae_title, max_pdu=settings.node.max_pdu)
-        if not assoc.is_established:
-            reason = _not_established(assoc, first.host, first.port, settings.node.acse_timeout_s)
-            for i, _ in todo:
-                done[i] = SendOutcome(False, reason, started, utcnow())
-        else:
-            try:
-                _store_over(assoc, todo, done)
-            finally:
-                if assoc.is_established:
-                    assoc.release()
-    return [done[i] for i in range(len(works))]
+        self.assoc = ae.associate(work.host, work.port, ae_title=work.ae_title, max_pdu=settings.node.max_pdu)
+        if not self.assoc.is_established:
+            self.error = _not_established(self.assoc, work.host, work.port, settings.node.acse_timeout_s)
 
+    @property
+    def usable(self) -> bool:
+        return self.error is None and self.assoc.is_established
 
-def _store_over(assoc: Association, todo: list[tuple[int, SendWork]], done: dict[int, SendOutcome]) -> None:
-    msg_id = 0
-    for i, w in todo:
-        w_started = utcnow()
-        if not assoc.is_established:
-            done[i] = SendOutcome(False, "association lost before this send", w_started, w_started)
-            continue
+    def send(self, work: SendWork) -> SendOutcome:
+        """C-STORE every file of ``work``; its outcome (stored or not, per-instance statuses)."""
+        if not work.files:
+            return _no_files()
+        started = utcnow()
+        if self.error is not None:
+            return SendOutcome(False, self.error, started, started)
+        if not self.assoc.is_established:
+            return SendOutcome(False, "association lost before this send", started, started)
         statuses: list[str] = []
         ok = True
-        for f in w.files:
-            msg_id += 1
-            text, stored, usable = _send_one(assoc, msg_id, f)
+        for f in work.files:
+            self._msg_id += 1
+            text, stored, usable = _send_one(self.assoc, self._msg_id, f)
             statuses.append(text)
             ok = ok and stored
             if not usable:
                 statuses.append("association lost")
                 ok = False
                 break
-        done[i] = SendOutcome(ok, "; ".join(statuses), w_started, utcnow())
+        return SendOutcome(ok, "; ".join(statuses), started, utcnow())
+
+    def close(self) -> None:
+        if self.assoc.is_established:
+            self.assoc.release()
+
+
+def store_many(settings: Settings, works: list[SendWork]) -> list[SendOutcome]:
+    """C-STORE the files of several sends to one destination over one association, send by send.
+
+    Returns one outcome per send, in order: whether every instance of it was stored and a detail line
+    (per-instance statuses or the error). Sends after a lost association fail with that reason.
+    """
+    with_files = [w for w in works if w.files]
+    if not with_files:
+        return [_no_files() for _ in works]
+    link = Link(settings, with_files[0])
+    try:
+        return [link.send(w) for w in works]
+    finally:
+        link.close()
 
 
 def store_files(settings: Settings, work: SendWork) -> tuple[bool, str]:
@@ -182,7 +202,9 @@ def store_files(settings: Settings, work: SendWork) -> tuple[bool, str]:
 
 
 class Sender:
-    """Thread that sends due outbox entries, one association per send."""
+    """Threads (``outbox.associations`` of them) that send due outbox entries, each over its own
+    association: sending is bound by round trips more than by CPU, so a second association nearly doubles
+    the rate at which results reach the PACS. A send is claimed atomically, so no two threads send it."""
 
     def __init__(
         self, settings: Settings, sessionmaker: sessionmaker[Session], send_signal: JobSignal
@@ -191,26 +213,34 @@ class Sender:
         self.factory = sessionmaker
         self.signal = send_signal
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
+        n = settings.outbox.associations
+        self._threads = [
+            threading.Thread(target=self._run, name=f"sender-{i + 1}", daemon=True) for i in range(n)
+        ]
 
     def start(self) -> None:
-        """Start the thread."""
-        self._thread.start()
+        """Start the threads."""
+        log.info("sender started (%d associations at most)", len(self._threads))
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
-        """Ask the thread to exit once the association in progress is finished."""
+        """Ask the threads to exit once the send in progress is finished."""
         self._stop.set()
         self.signal.notify()
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for the thread to exit."""
-        self._thread.join(timeout)
+        """Wait for the threads to exit (``timeout`` for all of them together)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if not self.is_alive():
+            log.info("sender stopped")
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return any(t.is_alive() for t in self._threads)
 
     def _run(self) -> None:
-        log.info("sender started")
         while not self._stop.is_set():
             timeout: float | None = None
             try:
@@ -226,7 +256,6 @@ class Sender:
                 timeout, worked = _DB_ERROR_PAUSE_S, False
             if not worked and not self._stop.is_set():
                 self.signal.wait(timeout)
-        log.info("sender stopped")
 
     def _wait_time(self) -> float | None:
         with self.factory() as session:
@@ -236,41 +265,58 @@ class Sender:
         return max(0.0, (due - utcnow()).total_seconds())
 
     def _drain(self) -> bool:
-        """Send everything due now; True if anything was attempted.
+        """Send everything due, and what becomes due meanwhile; True if anything was attempted.
 
-        Consecutive due sends to the same destination share one association (up to ``_SENDS_PER_ASSOC``):
-        each is still claimed, attempted and recorded on its own.
+        Sends to the same destination share one association, kept open while results keep coming (up to
+        ``_LINGER_S`` without any): outputs flow to the PACS as each job finishes, without an association
+        per job. Each send is still claimed, attempted and recorded on its own, as soon as it is done.
         """
-        with self.factory() as session:
-            ids = due_send_ids(session)
         worked = False
-        group: list[SendWork] = []
-        for send_id in ids:
-            if self._stop.is_set():
-                break
-            work = claim_send(self.factory, send_id)
-            if work is None:
-                continue
-            if group and (_where(group[0]) != _where(work) or len(group) >= _SENDS_PER_ASSOC):
-                self._attempt(group)
-                group = []
-            group.append(work)
-            worked = True
-        if group:
-            self._attempt(group)
+        link: Link | None = None
+        idle_since: float | None = None
+        try:
+            while not self._stop.is_set():
+                with self.factory() as session:
+                    ids = due_send_ids(session)
+                progressed = False
+                for send_id in ids:
+                    if self._stop.is_set():
+                        break
+                    work = claim_send(self.factory, send_id)
+                    if work is None:
+                        continue
+                    progressed = worked = True
+                    if link is not None and (link.where != _where(work) or not link.usable):
+                        if link.error is None or link.where != _where(work):
+                            link.close()
+                            link = None
+                    if link is None:
+                        link = Link(self.settings, work)
+                    self._attempt(link, work)
+                if progressed:
+                    idle_since = None
+                    continue
+                # nothing due: keep a working association a moment for the results being written now
+                if link is None or not link.usable:
+                    break
+                idle_since = idle_since or time.monotonic()
+                remaining = _LINGER_S - (time.monotonic() - idle_since)
+                if remaining <= 0:
+                    break
+                self.signal.wait(remaining)
+        finally:
+            if link is not None:
+                link.close()
         return worked
 
-    def _attempt(self, works: list[SendWork]) -> None:
+    def _attempt(self, link: Link, work: SendWork) -> None:
         try:
-            outcomes = store_many(self.settings, works)
+            outcome = link.send(work)
         except Exception as exc:  # noqa: BLE001 - any network-layer surprise is one failed attempt, recorded
-            ids = ", ".join(str(w.send_id) for w in works)
-            log.exception("sends %s: unexpected error while sending", ids)
+            log.exception("send %d: unexpected error while sending", work.send_id)
             now = utcnow()
-            failed = SendOutcome(False, f"unexpected error: {type(exc).__name__}: {exc}", now, now)
-            outcomes = [failed] * len(works)
-        for work, outcome in zip(works, outcomes, strict=True):
-            self._log(work, outcome)
+            outcome = SendOutcome(False, f"unexpected error: {type(exc).__name__}: {exc}", now, now)
+        self._log(work, outcome)
 
     def _log(self, work: SendWork, outcome: SendOutcome) -> None:
         ms = (outcome.finished - outcome.started).total_seconds() * 1000.0

@@ -282,18 +282,17 @@ class Worker:
                 item.error = exc
 
     def _finish(self, batch: _Batch) -> None:
-        """Write outputs and record each job (done, retry or failed); wake the sender once."""
-        sent = False
+        """Write outputs and record each job (done, retry or failed); the sender is woken after each job
+        with results, so that its sending overlaps the rest of the batch."""
         for item in batch.items:
             if item.error is None:
                 try:
-                    sent = self._complete(item) or sent
+                    if self._complete(item):
+                        self.send_signal.notify()
                     continue
                 except Exception as exc:  # noqa: BLE001 - classified and stored with the job by _fail
                     item.error = exc
             self._fail(item)
-        if sent:
-            self.send_signal.notify()
 
     def _load(self, item: _Item) -> None:
         try:

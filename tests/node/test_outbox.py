@@ -615,3 +615,46 @@ def test_model_process_death_mid_batch_is_a_transient_error(tmp_path: Path) -> N
     finally:
         models.stop()
     assert models._proc is None
+
+
+def test_sender_threads_send_each_result_exactly_once(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    """Three sending threads drain twelve sends: every instance arrives once, every send is sent with one
+    attempt (the claim is atomic), and the threads share associations rather than opening one per send."""
+    port = _free_port()
+    scp = _Scp(port)
+    settings = _settings(tmp_path, port, replace(CFG, associations=3))
+    expected, send_ids = [], []
+    for n in range(12):
+        send_id = _send(factory, port=port)
+        send_ids.append(send_id)
+        ds = _sc_file(tmp_path / f"{n}.dcm")
+        expected.append(ds.SOPInstanceUID)
+        with factory.begin() as s:
+            s.add(
+                Output(
+                    job_id=s.get(Send, send_id).job_id,
+                    kind="sc",
+                    model="m",
+                    sop_class_uid=SC_SOP_CLASS,
+                    sop_instance_uid=ds.SOPInstanceUID,
+                    series_instance_uid=ds.SeriesInstanceUID,
+                    path=str(tmp_path / f"{n}.dcm"),
+                )
+            )
+    signal = JobSignal()
+    sender = Sender(settings, factory, signal)
+    sender.start()
+    try:
+        signal.notify()
+        _wait_for(lambda: len(scp.received) >= 12)
+        _wait_for(lambda: all(_status(factory, i) == SendStatus.SENT for i in send_ids))
+    finally:
+        sender.stop()
+        sender.join(20)
+        scp.stop()
+    assert not sender.is_alive()
+    assert sorted(d.SOPInstanceUID for d in scp.received) == sorted(expected)
+    with factory() as s:
+        assert [x.attempts for x in s.scalars(select(Send))] == [1] * 12
+        assert len(s.scalars(select(SendAttempt)).all()) == 12
+    assert 1 <= scp.associations <= 3
