@@ -215,7 +215,13 @@ class Sender:
         self._stop = threading.Event()
         n = settings.outbox.associations
         self._threads = [
-            threading.Thread(target=self._run, name=f"sender-{i + 1}", daemon=True) for i in range(n)
+            # the first thread keeps its association a moment for the next results; the others only help
+            # with a backlog and close theirs as soon as nothing is due (an open pynetdicom association
+            # costs CPU even when idle: its threads poll)
+            threading.Thread(
+                target=self._run, args=(_LINGER_S if i == 0 else 0.0,), name=f"sender-{i + 1}", daemon=True
+            )
+            for i in range(n)
         ]
 
     def start(self) -> None:
@@ -240,11 +246,11 @@ class Sender:
     def is_alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
-    def _run(self) -> None:
+    def _run(self, linger_s: float) -> None:
         while not self._stop.is_set():
             timeout: float | None = None
             try:
-                worked = self._drain()
+                worked = self._drain(linger_s)
                 if not worked:
                     timeout = self._wait_time()
             except OperationalError as exc:
@@ -264,11 +270,11 @@ class Sender:
             return None  # nothing pending: sleep until a new send is committed
         return max(0.0, (due - utcnow()).total_seconds())
 
-    def _drain(self) -> bool:
+    def _drain(self, linger_s: float = _LINGER_S) -> bool:
         """Send everything due, and what becomes due meanwhile; True if anything was attempted.
 
         Sends to the same destination share one association, kept open while results keep coming (up to
-        ``_LINGER_S`` without any): outputs flow to the PACS as each job finishes, without an association
+        ``linger_s`` without any): outputs flow to the PACS as each job finishes, without an association
         per job. Each send is still claimed, attempted and recorded on its own, as soon as it is done.
         """
         worked = False
@@ -300,7 +306,7 @@ class Sender:
                 if link is None or not link.usable:
                     break
                 idle_since = idle_since or time.monotonic()
-                remaining = _LINGER_S - (time.monotonic() - idle_since)
+                remaining = linger_s - (time.monotonic() - idle_since)
                 if remaining <= 0:
                     break
                 self.signal.wait(remaining)

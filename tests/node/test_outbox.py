@@ -4,6 +4,7 @@ model, real files)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal as signal_module
 import socket
@@ -563,14 +564,18 @@ def test_store_many_reports_a_refused_association_for_every_send(tmp_path: Path)
     assert all("cannot connect" in o.detail for o in outcomes)
 
 
-def test_worker_replaces_a_dead_model_process(factory: sessionmaker[Session], tmp_path: Path) -> None:
+def test_worker_replaces_a_dead_model_process(
+    factory: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The models run in a child process; if it dies, the next batch starts a new one and jobs still
-    complete. Stopping the worker stops the child."""
+    complete. Stopping the worker stops the child. (The output warm-up at start works.)"""
     settings = _worker_settings(tmp_path)
     spool = tmp_path / "spool"
     spool.mkdir()
     job_signal, send_signal = JobSignal(), JobSignal()
-    worker = Worker(settings, factory, job_signal, send_signal)
+    with caplog.at_level(logging.DEBUG, logger="node.worker"):
+        worker = Worker(settings, factory, job_signal, send_signal)
+    assert any("outputs warmed up" in r.getMessage() for r in caplog.records)
     first = worker.models._proc
     assert first is not None and first.is_alive()
     worker.start()
