@@ -663,3 +663,34 @@ def test_sender_threads_send_each_result_exactly_once(factory: sessionmaker[Sess
         assert [x.attempts for x in s.scalars(select(Send))] == [1] * 12
         assert len(s.scalars(select(SendAttempt)).all()) == 12
     assert 1 <= scp.associations <= 3
+
+
+def test_send_parks_the_association_thread_before_each_c_store(tmp_path: Path) -> None:
+    """pynetdicom's association thread can take a C-STORE response off the queue (the C-STORE then waits
+    for the DIMSE timeout, and the retry duplicates instances at the peer); the sender parks that thread
+    first. Checked on a real association: parked while we send, running again afterwards, also when the
+    send fails before reaching the network."""
+    from node.sender import _pause_reactor, _send_one
+
+    port = _free_port()
+    scp = _Scp(port)
+    try:
+        ae = AE(ae_title="GRADCAM")
+        ae.add_requested_context(SC_SOP_CLASS, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="PACS")
+        assert assoc.is_established
+        checkpoint = assoc._reactor_checkpoint
+        _pause_reactor(assoc)
+        assert not checkpoint.is_set() and checkpoint._cond._waiters, "the association thread is parked"
+        ds = _sc_file(tmp_path / "a.dcm")
+        f = OutgoingFile(SC_SOP_CLASS, ds.SOPInstanceUID, tmp_path / "a.dcm", "sc", "m")
+        assert _send_one(assoc, 1, f) == (f"{ds.SOPInstanceUID}=0x0000", True, True)
+        assert checkpoint.is_set(), "running again between sends (peer release or abort are noticed)"
+        gone = OutgoingFile(SC_SOP_CLASS, "1.2.3", tmp_path / "missing.dcm", "sc", "m")
+        text, stored, usable = _send_one(assoc, 2, gone)
+        assert (stored, usable) == (False, True) and "unreadable" in text
+        assert checkpoint.is_set()
+        assoc.release()
+    finally:
+        scp.stop()
+    assert [d.SOPInstanceUID for d in scp.received] == [ds.SOPInstanceUID]
