@@ -306,6 +306,24 @@ def _sc_file(path: Path) -> Dataset:
     return ds
 
 
+def _add_sc_output(
+    factory: sessionmaker[Session], send_id: int, path: Path, ds: Dataset | None = None
+) -> None:
+    """Record ``path`` as an SC output of the send's job (``ds`` gives its UIDs; new ones otherwise)."""
+    with factory.begin() as s:
+        s.add(
+            Output(
+                job_id=s.get(Send, send_id).job_id,
+                kind="sc",
+                model="m",
+                sop_class_uid=SC_SOP_CLASS,
+                sop_instance_uid=ds.SOPInstanceUID if ds is not None else generate_uid(),
+                series_instance_uid=ds.SeriesInstanceUID if ds is not None else generate_uid(),
+                path=str(path),
+            )
+        )
+
+
 def _wait_for(pred, timeout: float = 20.0) -> None:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while not pred():
@@ -321,20 +339,8 @@ def test_sender_retries_until_destination_is_up(factory: sessionmaker[Session], 
     )
     send_id = _send(factory, port=port)
     files = [_sc_file(tmp_path / f"{i}.dcm") for i in range(2)]
-    with factory.begin() as s:
-        job_id = s.get(Send, send_id).job_id
-        for i, ds in enumerate(files):
-            s.add(
-                Output(
-                    job_id=job_id,
-                    kind="sc",
-                    model=f"m{i}",
-                    sop_class_uid=SC_SOP_CLASS,
-                    sop_instance_uid=ds.SOPInstanceUID,
-                    series_instance_uid=ds.SeriesInstanceUID,
-                    path=str(tmp_path / f"{i}.dcm"),
-                )
-            )
+    for i, ds in enumerate(files):
+        _add_sc_output(factory, send_id, tmp_path / f"{i}.dcm", ds)
     signal = JobSignal()
     sender = Sender(settings, factory, signal)
     sender.start()
@@ -372,18 +378,7 @@ def test_sender_missing_file_is_a_failed_attempt(factory: sessionmaker[Session],
     scp = _Scp(port)
     settings = _settings(tmp_path, port, replace(CFG, max_attempts=1))
     send_id = _send(factory, port=port)
-    with factory.begin() as s:
-        s.add(
-            Output(
-                job_id=s.get(Send, send_id).job_id,
-                kind="sc",
-                model="m",
-                sop_class_uid=SC_SOP_CLASS,
-                sop_instance_uid=generate_uid(),
-                series_instance_uid=generate_uid(),
-                path=str(tmp_path / "gone.dcm"),
-            )
-        )
+    _add_sc_output(factory, send_id, tmp_path / "gone.dcm")
     signal = JobSignal()
     sender = Sender(settings, factory, signal)
     sender.start()
@@ -634,18 +629,7 @@ def test_sender_threads_send_each_result_exactly_once(factory: sessionmaker[Sess
         send_ids.append(send_id)
         ds = _sc_file(tmp_path / f"{n}.dcm")
         expected.append(ds.SOPInstanceUID)
-        with factory.begin() as s:
-            s.add(
-                Output(
-                    job_id=s.get(Send, send_id).job_id,
-                    kind="sc",
-                    model="m",
-                    sop_class_uid=SC_SOP_CLASS,
-                    sop_instance_uid=ds.SOPInstanceUID,
-                    series_instance_uid=ds.SeriesInstanceUID,
-                    path=str(tmp_path / f"{n}.dcm"),
-                )
-            )
+        _add_sc_output(factory, send_id, tmp_path / f"{n}.dcm", ds)
     signal = JobSignal()
     sender = Sender(settings, factory, signal)
     sender.start()
