@@ -20,7 +20,6 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -131,7 +130,6 @@ class InferenceProcess:
         self._proc: Any = None
         self._conn: Connection | None = None
         self._next_id = 0
-        self._lock = threading.Lock()
 
     # --- life cycle -------------------------------------------------------------------------------------
 
@@ -183,14 +181,13 @@ class InferenceProcess:
 
     def submit(self, inputs: dict[str, np.ndarray]) -> int:
         """Send one batch; returns the id to :meth:`collect` it by. A dead child is replaced first."""
-        with self._lock:
-            if not self.alive:
-                self.stop(0)
-                self.start()
-            assert self._conn is not None
-            self._next_id += 1
-            self._conn.send((self._next_id, inputs))
-            return self._next_id
+        if not self.alive:
+            self.stop(0)
+            self.start()
+        assert self._conn is not None
+        self._next_id += 1
+        self._conn.send((self._next_id, inputs))
+        return self._next_id
 
     def collect(self, request_id: int) -> list[dict[str, RawOutput] | ChildError]:
         """Wait for the answer to ``request_id``. Raises RuntimeError if the child dies meanwhile."""

@@ -25,15 +25,12 @@ class JobSignal:
             self._pending = True
             self._cond.notify_all()
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Return when notified (at once if a notification is pending) or after ``timeout`` seconds;
-        True if notified."""
+    def wait(self, timeout: float | None = None) -> None:
+        """Return when notified (at once if a notification is pending) or after ``timeout`` seconds."""
         with self._cond:
             if not self._pending:
                 self._cond.wait(timeout)
-            notified = self._pending
             self._pending = False
-            return notified
 
     @property
     def pending(self) -> bool:

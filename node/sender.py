@@ -33,7 +33,6 @@ __all__ = [
     "SC_SOP_CLASS",
     "SR_SOP_CLASS",
     "STORED_STATUSES",
-    "store_files",
     "store_many",
     "Link",
     "echo_command",
@@ -179,6 +178,11 @@ class Link:
     def usable(self) -> bool:
         return self.error is None and self.assoc.is_established
 
+    def serves(self, work: SendWork) -> bool:
+        """Whether ``work`` goes over this link: same destination, and open (or refused: the refusal
+        stands for the rest of this pass instead of a new connection attempt per send)."""
+        return self.where == _where(work) and (self.error is not None or self.assoc.is_established)
+
     def send(self, work: SendWork) -> SendOutcome:
         """C-STORE every file of ``work``; its outcome (stored or not, per-instance statuses)."""
         if not work.files:
@@ -220,15 +224,6 @@ def store_many(settings: Settings, works: list[SendWork]) -> list[SendOutcome]:
         return [link.send(w) for w in works]
     finally:
         link.close()
-
-
-def store_files(settings: Settings, work: SendWork) -> tuple[bool, str]:
-    """Open one association to the send's destination and C-STORE all its files.
-
-    Returns whether every instance was stored and a detail line (per-instance statuses or the error).
-    """
-    (outcome,) = store_many(settings, [work])
-    return outcome.ok, outcome.detail
 
 
 class Sender:
@@ -322,10 +317,9 @@ class Sender:
                     if work is None:
                         continue
                     progressed = worked = True
-                    if link is not None and (link.where != _where(work) or not link.usable):
-                        if link.error is None or link.where != _where(work):
-                            link.close()
-                            link = None
+                    if link is not None and not link.serves(work):
+                        link.close()
+                        link = None
                     if link is None:
                         link = Link(self.settings, work)
                     self._attempt(link, work)

@@ -143,6 +143,12 @@ def _describe(exc: BaseException) -> str:
     return text if text else type(exc).__name__
 
 
+def _fail_all(items: list[_Item], exc: Exception) -> None:
+    """The model process failed for all of ``items``: a transient error each (their jobs are retried)."""
+    for i in items:
+        i.error = exc if isinstance(exc, TRANSIENT_ERRORS) else RuntimeError(_describe(exc))
+
+
 class Worker:
     """Thread that analyses queued jobs in batches; the models live in a child process (see
     :mod:`node.inference`), started and loaded here."""
@@ -192,9 +198,7 @@ class Worker:
             flat = [RawOutput(0.5, np.ones((2, 2), np.float32), 0.0)]
             raw = {m.cfg.name: flat for m in self.models.models}
             (analysis,) = assemble([image], self.models.models, raw)
-            item = _Item(ClaimedJob(0, 1, "", str(ds.SOPInstanceUID), Path("warm-up"), utcnow()), t0)
-            item.source, item.image, item.analysis = ds, image, analysis
-            for _kind, _model, output in self._build_outputs(item):
+            for _kind, _model, output in self._build_outputs(ds, image, analysis):
                 output.save_as(io.BytesIO(), enforce_file_format=True)
         except Exception:  # noqa: BLE001 - only a speed-up; a real job reports any real problem
             log.warning("output warm-up failed", exc_info=True)
@@ -276,8 +280,7 @@ class Worker:
             stacked = {n: np.concatenate([i.inputs[n] for i in batch.sent if i.inputs]) for n in names}
             batch.request_id = self.models.submit(stacked)
         except Exception as exc:  # noqa: BLE001 - the model process could not be (re)started
-            for i in batch.sent:
-                i.error = exc if isinstance(exc, TRANSIENT_ERRORS) else RuntimeError(_describe(exc))
+            _fail_all(batch.sent, exc)
             batch.sent = []
         for i in batch.items:
             i.inputs = None
@@ -289,8 +292,7 @@ class Worker:
         try:
             answers = self.models.collect(batch.request_id)
         except Exception as exc:  # noqa: BLE001 - the child died: transient, the jobs are retried
-            for i in batch.sent:
-                i.error = exc if isinstance(exc, TRANSIENT_ERRORS) else RuntimeError(_describe(exc))
+            _fail_all(batch.sent, exc)
             return
         for item, answer in zip(batch.sent, answers, strict=True):
             if isinstance(answer, ChildError):
@@ -379,19 +381,20 @@ class Worker:
         )
         return dest is not None
 
-    def _build_outputs(self, item: _Item) -> list[tuple[str, str | None, pydicom.Dataset]]:
+    def _build_outputs(
+        self, source: pydicom.Dataset, image: SourceImage, analysis: AnalysisResult
+    ) -> list[tuple[str, str | None, pydicom.Dataset]]:
         """One SC per model and the SR, as ``(kind, model, dataset)``; PermanentError if they cannot be."""
-        assert item.source is not None and item.image is not None and item.analysis is not None
         cfg = self.settings.outputs
-        results = list(item.analysis.models.values())
+        results = list(analysis.models.values())
         datasets: list[tuple[str, str | None, pydicom.Dataset]] = []
         try:
-            ref = reference_header(item.source)
+            ref = reference_header(source)
             for n, r in enumerate(results, start=1):
-                overlay = render_overlay(item.image, r, self.settings.core.render)
-                sc = build_secondary_capture(item.source, overlay, r, cfg, n, ref=ref)
+                overlay = render_overlay(image, r, self.settings.core.render)
+                sc = build_secondary_capture(source, overlay, r, cfg, n, ref=ref)
                 datasets.append(("sc", r.model, sc))
-            sr = build_sr(item.source, results, item.analysis.consensus, cfg, ref=ref)
+            sr = build_sr(source, results, analysis.consensus, cfg, ref=ref)
             datasets.append(("sr", None, sr))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise PermanentError(f"cannot build outputs: {_describe(exc)}") from exc
@@ -399,7 +402,8 @@ class Worker:
 
     def _write_outputs(self, item: _Item) -> list[Output]:
         """Build one SC per model and the SR, write each atomically; the Output rows, not yet added."""
-        datasets = self._build_outputs(item)
+        assert item.source is not None and item.image is not None and item.analysis is not None
+        datasets = self._build_outputs(item.source, item.image, item.analysis)
         rows = []
         root = self.settings.node.storage_dir
         for kind, model, ds in datasets:
