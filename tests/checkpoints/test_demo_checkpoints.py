@@ -56,29 +56,41 @@ def test_card_says_synthetic_only() -> None:
 
 
 def test_analyze_on_phantoms_gives_expected_decisions(tmp_path: Path) -> None:
-    """Clear cases from an unseen seed: the consensus follows the label for nearly all of them."""
+    """Clear cases from an unseen seed: the consensus follows the label for nearly all of them, and the
+    DICOM file of a phantom (what the node receives; every header variant) gets the same decision from
+    every model as its PNG (what the models learnt from)."""
     import cv2
     import numpy as np
+
+    from gradcam.phantom_dicom import header_variant, phantom_dataset, write_dicom
 
     cases = []
     for i in range(8):
         positive = i % 2 == 0
         ph = make_phantom(777, i, positive, 384)
-        path = tmp_path / f"case{i}.png"
-        cv2.imwrite(str(path), np.round(ph.image * 65535).astype(np.uint16))
-        cases.append((path, ph.positive))
+        png, dcm = tmp_path / f"case{i}.png", tmp_path / f"case{i}_dicom.dcm"
+        cv2.imwrite(str(png), np.round(ph.image * 65535).astype(np.uint16))
+        write_dicom(phantom_dataset(ph, 777, i, **header_variant(777, i)), dcm)  # type: ignore[arg-type]
+        cases.append((png, dcm, ph.positive))
     out = tmp_path / "out"
+    files = [str(p) for png, dcm, _ in cases for p in (png, dcm)]
     done = subprocess.run(
-        [sys.executable, "-m", "node.cli", "analyze", *[str(p) for p, _ in cases], "--out", str(out)],
+        [sys.executable, "-m", "node.cli", "analyze", *files, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
     agree = 0
-    for path, label in cases:
-        result = json.loads((out / path.stem / "result.json").read_text())
+    for png, dcm, label in cases:
+        result = json.loads((out / png.stem / "result.json").read_text())
+        from_dicom = json.loads((out / dcm.stem / "result.json").read_text())
         agree += result["consensus"] == label
+        assert from_dicom["consensus"] == result["consensus"], dcm.name
+        for model, r in result["models"].items():
+            d = from_dicom["models"][model]
+            assert d["positive"] == r["positive"], (dcm.name, model)
+            assert abs(d["probability"] - r["probability"]) < 0.01, (dcm.name, model)
     assert agree >= 7, f"consensus matched the label on {agree} of 8 phantoms"
 
 

@@ -23,6 +23,7 @@ from gradcam.phantoms import (
     phantom_label,
     write_dicom,
 )
+from gradcam.preprocess import load_image
 
 DCIODVFY = "/usr/bin/dciodvfy"
 CLI = Path(sys.executable).parent / "gradcam-node"
@@ -192,6 +193,25 @@ def test_dicom_folder_headers(tmp_path: Path) -> None:
         np.testing.assert_array_equal(pixels, expected)
         lo, hi = ds.WindowCenter - ds.WindowWidth / 2, ds.WindowCenter + ds.WindowWidth / 2
         assert -1 <= lo < hi <= top + 1  # the window lies on the data (to rounding)
+
+
+def test_dicom_displays_as_the_png_of_the_same_phantom(tmp_path: Path) -> None:
+    """The models learn from the PNGs and the node sees the DICOM files: through the header's window,
+    MONOCHROME1 and every bit depth, the DICOM file shows the same image as the PNG (to the rounding of
+    its stored values). A window narrower than the stored range showed a different contrast (pixels up to
+    0.27 apart) and changed 7 of 40 consensus decisions of the demo models."""
+    labels = generate_dataset(tmp_path, 16, seed=5, fmt="both", size=96)
+    variants = set()
+    for row in read_rows(labels):
+        png = tmp_path / row["file"]
+        dcm = png.with_suffix(".dcm")
+        ds = pydicom.dcmread(dcm, stop_before_pixels=True)
+        variants.add((ds.PhotometricInterpretation, int(ds.BitsStored)))
+        shown_png = load_image(png, 10**8).pixels
+        shown_dcm = load_image(dcm, 10**8).pixels
+        rounding = 0.5 / ((1 << int(ds.BitsStored)) - 1) + 0.5 / 65535 + 1e-6
+        assert np.abs(shown_png - shown_dcm).max() <= rounding, (dcm.name, ds.PhotometricInterpretation)
+    assert {p for p, _ in variants} == {"MONOCHROME1", "MONOCHROME2"} and len({b for _, b in variants}) >= 3
 
 
 @pytest.mark.skipif(not Path(DCIODVFY).exists(), reason="dciodvfy (dicom3tools) not installed")
