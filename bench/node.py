@@ -2,8 +2,10 @@
 
 Sends N synthetic phantom instances with DCMTK's ``/usr/bin/storescu`` to a node started as a subprocess
 (the default configuration's models, with the committed demo checkpoints when they exist, else seeded
-random weights of the same architectures), which sends its SC and SR objects to a pynetdicom SCP in this
-process. Prints, against a floor measured in the same run on the same preprocessed images:
+random weights of the same architectures), which sends its SC and SR objects to the destination: DCMTK's
+``storescp`` (default; native code, as the sender is: on one small machine the destination's CPU is taken
+from the node) or, with ``--destination pynetdicom``, a pynetdicom SCP in this process. Prints, against a
+floor measured in the same run on the same preprocessed images:
 
 * floor: ``1 / sum`` over the models of the per-image forward time at the worker's batch size (no
   Grad-CAM, no decoding, no DICOM, no network): what the node could do if everything else were free;
@@ -15,7 +17,7 @@ process. Prints, against a floor measured in the same run on the same preprocess
 
 Usage::
 
-    .venv/bin/python bench/node.py [--count 24] [--config config/node.toml]
+    .venv/bin/python bench/node.py [--count 24] [--config config/node.toml] [--destination pynetdicom]
 
 Synthetic data only. No assertions: this prints a table.
 """
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -58,6 +61,7 @@ from node.inference import default_threads  # noqa: E402
 __all__ = ["main"]
 
 STORESCU = Path("/usr/bin/storescu")
+STORESCP = Path("/usr/bin/storescp")
 SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -127,7 +131,9 @@ def measure_floor(
 
 
 class Receiver:
-    """Storage SCP that timestamps every instance it receives (by SOP Instance UID)."""
+    """Storage SCP (pynetdicom, in this process) that timestamps every instance it receives."""
+
+    label = "destination (pynetdicom SCP in the bench)"
 
     def __init__(self, port: int) -> None:
         self.arrivals: dict[str, list[float]] = {}
@@ -139,6 +145,7 @@ class Receiver:
         self.server = ae.start_server(
             ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on)]
         )
+        self._cpu_start = 0.0
 
     def _on(self, event: evt.Event) -> int:
         now = time.time()
@@ -151,8 +158,67 @@ class Receiver:
         with self._lock:
             return len(self.arrivals)
 
+    def mark(self) -> None:
+        """Start counting CPU time here (of this whole process: the bench does nothing else meanwhile)."""
+        self._cpu_start = time.process_time()
+
+    def cpu(self) -> float:
+        """CPU seconds since :meth:`mark`."""
+        return time.process_time() - self._cpu_start
+
     def stop(self) -> None:
         self.server.shutdown()
+
+
+class StorescpReceiver:
+    """DCMTK's ``storescp`` writing every instance to a file of its own (``+uf``: a duplicate is a second
+    file); an instance's arrival is its file's modification time (written before the response is sent).
+    ``--fork``: one process per association, as the node's sender uses several at once."""
+
+    label = "destination (DCMTK storescp)"
+
+    def __init__(self, port: int, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.arrivals: dict[str, list[float]] = {}
+        self.proc = subprocess.Popen(
+            [str(STORESCP), "--fork", "-aet", "BENCHDEST", "+uf", "-od", str(directory), str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        ae = AE(ae_title="BENCH")
+        ae.add_requested_context(Verification)
+        for _ in range(100):
+            assoc = ae.associate("127.0.0.1", port, ae_title="BENCHDEST")
+            if assoc.is_established:
+                assoc.release()
+                break
+            time.sleep(0.1)
+        self._cpu_start = 0.0
+
+    def _cpu_now(self) -> float:
+        """CPU seconds of storescp, its running children (one per association) and its ended ones."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ended = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+        return sum(cpu_seconds(self.proc.pid).values()) + ended
+
+    def mark(self) -> None:
+        self._cpu_start = self._cpu_now()
+
+    def count(self) -> int:
+        return sum(1 for _ in os.scandir(self.directory))
+
+    def cpu(self) -> float:
+        return self._cpu_now() - self._cpu_start
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        for entry in os.scandir(self.directory):
+            ds = pydicom.dcmread(entry.path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            self.arrivals.setdefault(str(ds.SOPInstanceUID), []).append(entry.stat().st_mtime)
+        for times in self.arrivals.values():
+            times.sort()
 
 
 # --- node -----------------------------------------------------------------------------------------------
@@ -275,7 +341,7 @@ class Outcome:
     duplicates: int
 
 
-def collect(db_url: str, receiver: Receiver) -> Outcome:
+def collect(db_url: str, receiver: Receiver | StorescpReceiver) -> Outcome:
     engine = make_engine(db_url)
     try:
         with session_factory(engine)() as s:
@@ -309,10 +375,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=512, help="side of the phantoms (pixels)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for all results")
     p.add_argument("--workdir", type=Path, help="keep everything (inputs, spool, database, node.log) here")
+    p.add_argument(
+        "--destination",
+        choices=("storescp", "pynetdicom"),
+        default="storescp",
+        help="DCMTK storescp (default) or a pynetdicom SCP in this process",
+    )
     args = p.parse_args(argv)
-    if not os.access(STORESCU, os.X_OK):
-        print(f"{STORESCU} is not installed (DCMTK)", file=sys.stderr)
-        return 2
+    for tool in (STORESCU, STORESCP):
+        if not os.access(tool, os.X_OK):
+            print(f"{tool} is not installed (DCMTK)", file=sys.stderr)
+            return 2
     base = load_settings(args.config)
     batch = base.worker.batch_size
     with tempfile.TemporaryDirectory(prefix="gradcam-bench-") as tmp:
@@ -331,14 +404,18 @@ def main(argv: list[str] | None = None) -> int:
         before = measure_floor(models, files, batch, base.core.preprocess.max_pixels)
 
         port, dest_port = free_port(), free_port()
-        receiver = Receiver(dest_port)
+        receiver: Receiver | StorescpReceiver = (
+            StorescpReceiver(dest_port, work / "received")
+            if args.destination == "storescp"
+            else Receiver(dest_port)
+        )
         config = work / "bench.toml"
         write_config(config, args.config, models, port, dest_port, work)
         proc = start_node(config, work / "node.log")
         try:
             wait_listening(port, proc, 300)
             cpu_start = cpu_seconds(proc.pid)  # after start-up (imports, loading the models)
-            own_start = time.process_time()
+            receiver.mark()
             expected = len(files) * (len(models) + 1)
             sent = subprocess.run(
                 [str(STORESCU), "-aet", "BENCH", "-aec", "GRADCAM", "127.0.0.1", str(port), *map(str, files)],
@@ -351,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             while receiver.count() < expected and time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.1)
             cpu_end = cpu_seconds(proc.pid)
-            cpu_end["destination (pynetdicom SCP in the bench)"] = time.process_time() - own_start
+            cpu_end[receiver.label] = receiver.cpu()
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

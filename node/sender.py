@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -65,6 +66,42 @@ def _make_ae(settings: Settings) -> AE:
     ae.network_timeout = settings.node.network_timeout_s
     ae.connection_timeout = settings.node.acse_timeout_s
     return ae
+
+
+def _prompt_tcp(assoc: Association) -> None:
+    """Take the 40 ms TCP stalls out of every C-STORE to a peer that writes its response in pieces.
+
+    DCMTK (Orthanc, storescp and most PACS built on it) writes a C-STORE response as a PDU header and then
+    the rest, with Nagle's algorithm on: the rest waits until we acknowledge the header, and Linux delays
+    that acknowledgement by up to 40 ms. So: TCP_NODELAY on our writes, and TCP_QUICKACK before each read
+    of pynetdicom's (the kernel resets it) so that a pending acknowledgement goes out at once. Measured on
+    loopback, 512 x 512 RGB SC: Orthanc 63-74 ms per C-STORE -> 7-9 ms, DCMTK storescp 64-77 -> 3.5-3.7;
+    either option alone leaves 28-53 ms. Per association, in our sender only; a no-op where the socket
+    or the option is missing (not Linux, pynetdicom internals changed).
+    """
+    transport: Any = getattr(assoc.dul, "socket", None)
+    raw = getattr(transport, "socket", None)
+    if transport is None or raw is None:
+        return
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    read = getattr(transport, "recv", None)
+    if quickack is None or read is None:
+        return
+
+    def recv(nr_bytes: int) -> bytearray:
+        sock = transport.socket
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+            except OSError:
+                pass  # closed meanwhile: the read reports it
+        return read(nr_bytes)
+
+    transport.recv = recv
 
 
 def _not_established(assoc: Association, host: str, port: int, timeout: float) -> str:
@@ -171,7 +208,9 @@ class Link:
         for sop_class in sorted(classes):
             ae.add_requested_context(sop_class, transfer_syntaxes)
         self.assoc = ae.associate(work.host, work.port, ae_title=work.ae_title, max_pdu=settings.node.max_pdu)
-        if not self.assoc.is_established:
+        if self.assoc.is_established:
+            _prompt_tcp(self.assoc)
+        else:
             self.error = _not_established(self.assoc, work.host, work.port, settings.node.acse_timeout_s)
 
     @property
