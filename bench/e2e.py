@@ -196,14 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--size", type=int, default=1024, help="side of the fallback phantoms (pixels)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for all results")
+    p.add_argument("--workdir", type=Path, help="keep inputs, Orthanc, spool, database and logs here")
     args = p.parse_args(argv)
     for tool in (ORTHANC_BINARY, STORESCU):
         if not os.access(tool, os.X_OK):
             print(f"{tool} is not installed (apt-get install orthanc dcmtk)", file=sys.stderr)
             return 2
     with tempfile.TemporaryDirectory(prefix="gradcam-e2e-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         try:
-            return run(args, Path(tmp))
+            return run(args, work)
         except OrthancError as exc:
             print(f"bench/e2e.py: {exc}", file=sys.stderr)
             return 2

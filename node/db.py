@@ -8,13 +8,16 @@ SQLite specifics: WAL journal (readers never block the writer), ``busy_timeout``
 ``synchronous=FULL`` (a C-STORE success is only sent after the commit, so the commit must survive power
 loss), foreign keys on, and every transaction starts with ``BEGIN IMMEDIATE``: the write lock is taken up
 front, so two threads that read then write never dead-end in ``SQLITE_BUSY`` (a deferred transaction that
-must upgrade its lock cannot wait for it; an immediate one waits up to the busy timeout).
+must upgrade its lock cannot wait for it; an immediate one waits up to the busy timeout). The node's own
+threads queue for that lock in the process (:class:`_WriteQueue`) rather than in SQLite's busy handler.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import sqlite3
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
@@ -307,8 +311,63 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur.close()
 
 
-def _sqlite_begin(conn: Any) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+class _WriteQueue:
+    """The process's threads take SQLite's write lock one after the other, in a queue of our own.
+
+    Waiting in SQLite's busy handler means sleeping 1, 2, 5, 10 ... 100 ms between tries, and a thread
+    that wakes up late loses the lock to one that just arrived: in bench runs a ``BEGIN IMMEDIATE`` waited
+    up to 243 ms (bench/node.py) and 432 ms (bench/e2e.py; a C-STORE response held that long) while no
+    transaction lasted more than a few milliseconds. Here a thread waits on a :class:`threading.Lock`, is
+    woken the moment the transaction before it ends, and then begins; SQLite's busy timeout still applies
+    to other processes (``gradcam-node jobs``). The lock is taken before ``BEGIN IMMEDIATE`` and given back
+    after the connection's COMMIT or ROLLBACK (the dialect's, so that it is really over). A thread that
+    waits longer than the busy timeout gets "database is locked", as from SQLite.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._holder: int | None = None  # the DBAPI connection inside a transaction, by id
+
+    def install(self, engine: Engine) -> None:
+        event.listen(engine, "begin", self._begin)
+        dialect = engine.dialect
+        dialect.do_commit = self._ending(dialect.do_commit)  # type: ignore[method-assign]
+        dialect.do_rollback = self._ending(dialect.do_rollback)  # type: ignore[method-assign]
+        # a connection dropped inside a transaction (invalidated, closed) gives the lock back too
+        event.listen(engine, "invalidate", lambda dbapi_connection, *_: self._release(dbapi_connection))
+        event.listen(engine, "close", lambda dbapi_connection, *_: self._release(dbapi_connection))
+
+    def _begin(self, conn: Any) -> None:
+        if not self._lock.acquire(timeout=self.timeout_s):
+            raise OperationalError(
+                "BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked (by this process)")
+            )
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        self._holder = id(_raw(conn.connection))
+
+    def _ending(self, finish: Any) -> Any:
+        def end(dbapi_connection: Any) -> None:
+            try:
+                finish(dbapi_connection)
+            finally:
+                self._release(dbapi_connection)
+
+        return end
+
+    def _release(self, dbapi_connection: Any) -> None:
+        if self._holder is not None and self._holder == id(_raw(dbapi_connection)):
+            self._holder = None
+            self._lock.release()
+
+
+def _raw(connection: Any) -> Any:
+    """The sqlite3 connection behind SQLAlchemy's pool proxy (or the connection itself)."""
+    return getattr(connection, "dbapi_connection", None) or connection
 
 
 def make_engine(url: str) -> Engine:
@@ -333,7 +392,7 @@ def make_engine(url: str) -> Engine:
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(u, **kwargs)
     event.listen(engine, "connect", _sqlite_pragmas)
-    event.listen(engine, "begin", _sqlite_begin)
+    _WriteQueue(BUSY_TIMEOUT_MS / 1000).install(engine)
     return engine
 
 

@@ -222,3 +222,70 @@ def test_memory_database_for_tests() -> None:
     with sessions() as s:
         assert s.scalar(select(Instance.sop_instance_uid)) == "1.2.3"
     engine.dispose()
+
+
+def _in_thread(fn, timeout: float = 10.0) -> None:  # noqa: ANN001
+    """Run ``fn`` in a thread; fail (instead of hanging for the busy timeout) if it does not finish."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "a transaction could not begin: the write lock was not given back"
+    if errors:
+        raise errors[0]
+
+
+def test_threads_queue_for_the_write_lock(tmp_path: Path) -> None:
+    """Eight threads each run 25 read-modify-write transactions on one row: none is refused ("database is
+    locked") and no update is lost."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'q.db'}")
+    try:
+        with engine.begin() as c:
+            c.execute(text("CREATE TABLE counter (n INTEGER)"))
+            c.execute(text("INSERT INTO counter VALUES (0)"))
+
+        def work() -> None:
+            for _ in range(25):
+                with engine.begin() as c:
+                    n = c.execute(text("SELECT n FROM counter")).scalar_one()
+                    c.execute(text("UPDATE counter SET n = :n"), {"n": n + 1})
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        with engine.begin() as c:
+            assert c.execute(text("SELECT n FROM counter")).scalar_one() == 200
+    finally:
+        engine.dispose()
+
+
+def test_write_lock_is_given_back_after_rollback_and_a_dropped_connection(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        with engine.begin() as c:
+            c.execute(text("CREATE TABLE t (n INTEGER)"))
+        with pytest.raises(ZeroDivisionError), engine.begin() as c:
+            c.execute(text("INSERT INTO t VALUES (1)"))
+            _ = 1 / 0  # rolled back
+        conn = engine.connect()
+        conn.begin()
+        conn.execute(text("INSERT INTO t VALUES (2)"))
+        conn.invalidate()  # dropped inside its transaction, never committed nor rolled back by us
+        conn.close()
+
+        def count() -> None:
+            with engine.begin() as c:
+                assert c.execute(text("SELECT count(*) FROM t")).scalar_one() == 0
+
+        _in_thread(count)
+    finally:
+        engine.dispose()
