@@ -186,21 +186,12 @@ class StorescpReceiver:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        ae = AE(ae_title="BENCH")
-        ae.add_requested_context(Verification)
-        for _ in range(100):
-            assoc = ae.associate("127.0.0.1", port, ae_title="BENCHDEST")
-            if assoc.is_established:
-                assoc.release()
-                break
-            time.sleep(0.1)
+        wait_listening(port, self.proc, 30, "BENCHDEST")
         self._cpu_start = 0.0
 
     def _cpu_now(self) -> float:
         """CPU seconds of storescp, its running children (one per association) and its ended ones."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ended = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
-        return sum(cpu_seconds(self.proc.pid).values()) + ended
+        return sum(cpu_seconds(self.proc.pid, ended_children=True).values())
 
     def mark(self) -> None:
         self._cpu_start = self._cpu_now()
@@ -292,23 +283,27 @@ def start_node(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_listening(
+    port: int, proc: subprocess.Popen[bytes], timeout: float, ae_title: str = "GRADCAM"
+) -> None:
+    """Wait until ``proc`` accepts an association on ``port`` as ``ae_title``; raise if it exits first."""
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(Verification)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"node exited with {proc.returncode} during start-up")
-        assoc = ae.associate("127.0.0.1", port, ae_title="GRADCAM")
+            raise RuntimeError(f"{ae_title} exited with {proc.returncode} during start-up")
+        assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
         if assoc.is_established:
             assoc.release()
             return
         time.sleep(0.25)
-    raise TimeoutError(f"node not listening on {port} after {timeout:.0f} s")
+    raise TimeoutError(f"{ae_title} not listening on {port} after {timeout:.0f} s")
 
 
-def cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU time (user + system, seconds) of a process and of each of its children, by process name."""
+def cpu_seconds(pid: int, ended_children: bool = False) -> dict[str, float]:
+    """CPU time (user + system, seconds) of a process and of each of its children, by process name;
+    with ``ended_children``, also of the root's children that have exited (and were waited for)."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
 
@@ -320,7 +315,10 @@ def cpu_seconds(pid: int) -> dict[str, float]:
             return
         fields = stat.rsplit(")", 1)[1].split()
         label = "models process" if any(b"multiprocessing" in part for part in name) else "node process"
-        out[label] = out.get(label, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        ticks = int(fields[11]) + int(fields[12])
+        if ended_children and p == pid:
+            ticks += int(fields[13]) + int(fields[14])
+        out[label] = out.get(label, 0.0) + ticks / tick
         for task in Path(f"/proc/{p}/task").iterdir():
             children = (task / "children").read_text().split() if (task / "children").exists() else []
             for c in children:

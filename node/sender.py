@@ -34,7 +34,6 @@ __all__ = [
     "SC_SOP_CLASS",
     "SR_SOP_CLASS",
     "STORED_STATUSES",
-    "store_many",
     "Link",
     "echo_command",
 ]
@@ -247,22 +246,6 @@ class Link:
     def close(self) -> None:
         if self.assoc.is_established:
             self.assoc.release()
-
-
-def store_many(settings: Settings, works: list[SendWork]) -> list[SendOutcome]:
-    """C-STORE the files of several sends to one destination over one association, send by send.
-
-    Returns one outcome per send, in order: whether every instance of it was stored and a detail line
-    (per-instance statuses or the error). Sends after a lost association fail with that reason.
-    """
-    with_files = [w for w in works if w.files]
-    if not with_files:
-        return [_no_files() for _ in works]
-    link = Link(settings, with_files[0])
-    try:
-        return [link.send(w) for w in works]
-    finally:
-        link.close()
 
 
 class Sender:

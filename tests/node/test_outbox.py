@@ -42,6 +42,7 @@ from node.db import (
     session_factory,
     utcnow,
 )
+from node.demo import port_is_free
 from node.outbox import (
     OutgoingFile,
     SendWork,
@@ -53,7 +54,7 @@ from node.outbox import (
     record_attempt,
 )
 from node.queue import JobSignal
-from node.sender import SC_SOP_CLASS, Link, Sender, echo_command, store_many
+from node.sender import SC_SOP_CLASS, Link, Sender, SendOutcome, echo_command
 from node.worker import Worker, claim_jobs
 
 STORESCP = "/usr/bin/storescp"  # DCMTK's, not pynetdicom's script of the same name
@@ -326,14 +327,6 @@ def _add_sc_output(
         )
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def _wait_for(pred, timeout: float = 20.0) -> None:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while not pred():
@@ -530,6 +523,15 @@ def _work(send_id: int, port: int, files: list[Path]) -> SendWork:
     return SendWork(send_id, send_id, "pacs", "PACS", "127.0.0.1", port, 1, outgoing)
 
 
+def store_many(settings: Settings, works: list[SendWork]) -> list[SendOutcome]:
+    """Several sends to one destination over one :class:`Link`, as the sender's threads do."""
+    link = Link(settings, works[0])
+    try:
+        return [link.send(w) for w in works]
+    finally:
+        link.close()
+
+
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_store_many_shares_one_association(tmp_path: Path, syntax: str) -> None:
     """Several sends go over one association, each with its own outcome; files the peer takes in their own
@@ -573,7 +575,7 @@ def test_link_to_dcmtk_sets_prompt_tcp(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for(lambda: _listening(port))
+        _wait_for(lambda: not port_is_free(port))
         paths = [tmp_path / f"{i}.dcm" for i in range(3)]
         sent = {ds.SOPInstanceUID: ds for ds in (_sc_file(p) for p in paths)}
         work = _work(1, port, paths)
