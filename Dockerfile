@@ -1,4 +1,4 @@
-# gradcam-node image: the DICOM node (C-STORE in, Secondary Capture + SR out) on CPU.
+# gradcam-node image: the DICOM node (C-STORE in; Secondary Captures, Segmentations and an SR out) on CPU.
 # AI research output, NOT for diagnostic use.
 #
 #   docker compose up -d          (see docker-compose.yml; Orthanc + this node)

@@ -57,13 +57,12 @@ from gradcam.preprocess import load_image, to_model_input  # noqa: E402
 from node.config import load_settings  # noqa: E402
 from node.db import Instance, Job, JobStatus, Output, make_engine, session_factory  # noqa: E402
 from node.inference import default_threads  # noqa: E402
+from node.sender import OUTPUT_SOP_CLASSES  # noqa: E402
 
 __all__ = ["main"]
 
 STORESCU = Path("/usr/bin/storescu")
 STORESCP = Path("/usr/bin/storescp")
-SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 def free_port() -> int:
@@ -139,7 +138,7 @@ class Receiver:
         self.arrivals: dict[str, list[float]] = {}
         self._lock = threading.Lock()
         ae = AE(ae_title="BENCHDEST")
-        for sop in (SC_SOP_CLASS, SR_SOP_CLASS):
+        for sop in sorted(OUTPUT_SOP_CLASSES):
             ae.add_supported_context(sop, [ExplicitVRLittleEndian, "1.2.840.10008.1.2"])
         ae.add_supported_context(Verification)
         self.server = ae.start_server(

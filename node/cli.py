@@ -212,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Our own handlers log every association, store and send once; the libraries would repeat them.
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
         logging.getLogger("highdicom").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # node.migrations says what it upgraded
     try:
         return _dispatch(args)
     except KeyboardInterrupt:

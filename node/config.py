@@ -15,6 +15,7 @@ __all__ = [
     "NodeConfig",
     "WorkerConfig",
     "OutputsConfig",
+    "OUTPUT_KINDS",
     "OutboxConfig",
     "Destination",
     "Settings",
@@ -39,6 +40,7 @@ class NodeConfig:
     storage_dir: Path = REPO_ROOT / "var" / "spool"
     database_url: str = ""
     min_free_disk_mb: int = 512
+    device_uid: str = ""  # empty: generated once per installation and kept in the database
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,26 @@ class WorkerConfig:
     inference_threads: int = 0  # torch threads of the model process; 0: all cores but one
 
 
+# The output kinds the node can make for one image (see node.outputs.build):
+#   summary  one Secondary Capture: every model's decision and map side by side, and the consensus
+#   sc       one Secondary Capture per model with a map (the overlay at full resolution)
+#   heatmap  one FRACTIONAL Segmentation per model with a map: the Grad-CAM at the source's geometry
+#   sr       one Comprehensive 3D SR (TID 1500) with every finding, regions and references
+OUTPUT_KINDS = ("summary", "sc", "heatmap", "sr")
+
+
 @dataclass(frozen=True)
 class OutputsConfig:
+    kinds: tuple[str, ...] = OUTPUT_KINDS
+    # a negative decision's Grad-CAM shows what the model took as evidence for NORMAL: off by default, as
+    # a map over the lungs of a negative study misleads; when on, drawn in its own colours and labelled
+    negative_maps: bool = False
     sc_series_number: int = 9901
     sc_series_description: str = "AI Grad-CAM heatmap - research only, not for diagnostic use"
     sr_series_number: int = 9902
     sr_series_description: str = "AI pneumonia findings - research only, not for diagnostic use"
+    heatmap_series_number: int = 9903
+    heatmap_series_description: str = "AI Grad-CAM maps (overlay) - research only, not diagnostic"
 
 
 @dataclass(frozen=True)
@@ -124,6 +140,24 @@ def _lo(r: TableReader, name: str, default: str) -> str:
     return value
 
 
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+
+
+def _uid(r: TableReader, name: str) -> str:
+    value = r.str(name, "").strip()
+    if value and (len(value) > 64 or not _UID_RE.match(value)):
+        raise r.error(name, f"expected a DICOM UID (digits and dots, at most 64 characters), got {value!r}")
+    return value
+
+
+def _kinds(r: TableReader, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = r.str_list(name, list(default))
+    unknown = [k for k in value if k not in OUTPUT_KINDS]
+    if unknown or not value or len(set(value)) != len(value):
+        raise r.error(name, f"expected distinct output kinds out of {', '.join(OUTPUT_KINDS)}, got {value!r}")
+    return tuple(k for k in OUTPUT_KINDS if k in value)
+
+
 def resolve_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     """``--config`` wins, then ``GRADCAM_NODE_CONFIG``, then ``config/node.toml``."""
     if explicit:
@@ -155,6 +189,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         storage_dir=n.path("storage_dir", "var/spool"),
         database_url=n.str("database_url", ""),
         min_free_disk_mb=n.int("min_free_disk_mb", 512, lo=0),
+        device_uid=_uid(n, "device_uid"),
     )
     n.finish()
 
@@ -170,10 +205,16 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     o = root.table_of("outputs", {})
     defaults = OutputsConfig()
     outputs = OutputsConfig(
+        kinds=_kinds(o, "kinds", defaults.kinds),
+        negative_maps=o.bool("negative_maps", defaults.negative_maps),
         sc_series_number=o.int("sc_series_number", defaults.sc_series_number, lo=1, hi=2**31 - 1),
         sc_series_description=_lo(o, "sc_series_description", defaults.sc_series_description),
         sr_series_number=o.int("sr_series_number", defaults.sr_series_number, lo=1, hi=2**31 - 1),
         sr_series_description=_lo(o, "sr_series_description", defaults.sr_series_description),
+        heatmap_series_number=o.int(
+            "heatmap_series_number", defaults.heatmap_series_number, lo=1, hi=2**31 - 1
+        ),
+        heatmap_series_description=_lo(o, "heatmap_series_description", defaults.heatmap_series_description),
     )
     o.finish()
 

@@ -56,6 +56,7 @@ __all__ = [
     "Job",
     "Result",
     "Output",
+    "Setting",
     "Send",
     "SendAttempt",
     "utcnow",
@@ -193,16 +194,20 @@ class Instance(Base):
     times_received: Mapped[int] = mapped_column(Integer, default=1)
     status: Mapped[InstanceStatus] = mapped_column(_enum(InstanceStatus), default=InstanceStatus.STORED)
 
-    job: Mapped[Job | None] = relationship(back_populates="instance", uselist=False)
+    jobs: Mapped[list[Job]] = relationship(back_populates="instance", order_by="Job.id")
 
 
 class Job(Base):
-    """The analysis of one instance. Queued jobs are claimable when ``next_attempt_at`` is null or due."""
+    """One analysis of one instance. Queued jobs are claimable when ``next_attempt_at`` is null or due.
+
+    An instance has one job per analysis: a second one only when it is analysed again with a different
+    configuration (``content_key``, see :mod:`node.outputs.identity`), or on an operator's request.
+    """
 
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), unique=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), index=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -213,8 +218,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the configuration the analysis ran with (node.outputs.identity.OutputContext.content_key)
+    content_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
-    instance: Mapped[Instance] = relationship(back_populates="job")
+    instance: Mapped[Instance] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job", order_by="Result.model")
     outputs: Mapped[list[Output]] = relationship(back_populates="job", order_by="Output.id")
     sends: Mapped[list[Send]] = relationship(back_populates="job", order_by="Send.id")
@@ -243,21 +250,39 @@ class Result(Base):
 
 
 class Output(Base):
-    """A DICOM object the node made for a job (``kind`` ``sc`` per model, or one ``sr``)."""
+    """A DICOM object the node made for a job; ``kind`` is one of ``node.config.OUTPUT_KINDS``.
+
+    ``supersedes`` is the SOP Instance UID of the earlier SR of the same source image that this SR lists
+    in its Predecessor Documents Sequence (an SR only; None for a first analysis).
+    """
 
     __tablename__ = "outputs"
+    __table_args__ = (UniqueConstraint("job_id", "sop_instance_uid", name="uq_outputs_job_sop"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     kind: Mapped[str] = mapped_column(String(8))
     model: Mapped[str | None] = mapped_column(String(64), nullable=True)
     sop_class_uid: Mapped[str] = mapped_column(String(_UID))
-    sop_instance_uid: Mapped[str] = mapped_column(String(_UID), unique=True)
-    series_instance_uid: Mapped[str] = mapped_column(String(_UID))
+    # not unique: an analysis that comes back to an earlier configuration makes the same objects again
+    sop_instance_uid: Mapped[str] = mapped_column(String(_UID), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(_UID), index=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    supersedes: Mapped[str | None] = mapped_column(String(_UID), nullable=True)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="outputs")
+
+
+class Setting(Base):
+    """A value the node generates once and keeps (e.g. its device UID), by name."""
+
+    __tablename__ = "node_settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Send(Base):
@@ -397,8 +422,16 @@ def make_engine(url: str) -> Engine:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create the tables that do not exist yet (idempotent)."""
-    Base.metadata.create_all(engine)
+    """Bring the database to the latest schema revision (idempotent; safe for concurrent starts).
+
+    Runs the Alembic revisions of :mod:`node.migrations` in one transaction: all of them on an empty
+    database; on one made before migrations existed (the node's tables, no ``alembic_version``) it stamps
+    the baseline revision first, then upgrades; a database at a revision is upgraded, at the latest one
+    left alone. A second process that starts meanwhile waits for the write lock, then finds it done.
+    """
+    from node import migrations  # here, so that importing node.db does not load Alembic
+
+    migrations.upgrade(engine)
 
 
 def session_factory(engine: Engine) -> sessionmaker:

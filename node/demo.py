@@ -671,13 +671,39 @@ def _demo_ports(settings: Settings, workdir: Path) -> tuple[Path, int, int, int]
     return config, node_port, dicom_port, http_port
 
 
-def _wait_for_results(client: OrthancClient, studies: list[DemoStudy], per_image: int, timeout: float) -> int:
-    """Poll Orthanc until every study holds its image and ``per_image`` results; returns how many do."""
+_SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+_SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+_SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def _has_results(client: OrthancClient, study_uid: str) -> bool:
+    """The study holds an SR of the node and every object that SR lists as evidence."""
+    from io import BytesIO
+
+    import pydicom
+
+    instances = client.study_instances(study_uid)
+    held = {i["SOPInstanceUID"] for i in instances}
+    for sr in (i for i in instances if i["SOPClassUID"].startswith(_SR_PREFIX)):
+        ds = pydicom.dcmread(BytesIO(client.instance_file(sr["ID"])), stop_before_pixels=True)
+        listed = {
+            str(ref.ReferencedSOPInstanceUID)
+            for evidence in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+            for series in evidence.ReferencedSeriesSequence
+            for ref in series.ReferencedSOPSequence
+        }
+        if listed and listed <= held:
+            return True
+    return False
+
+
+def _wait_for_results(client: OrthancClient, studies: list[DemoStudy], timeout: float) -> int:
+    """Poll Orthanc until every study holds the node's SR and all it references; returns how many do."""
     deadline = time.monotonic() + timeout
     done: set[str] = set()
     while time.monotonic() < deadline:
         for s in studies:
-            if s.study_uid not in done and len(client.study_instances(s.study_uid)) >= 1 + per_image:
+            if s.study_uid not in done and _has_results(client, s.study_uid):
                 done.add(s.study_uid)
                 print(f"  results for {s.path.name} are in Orthanc ({len(done)}/{len(studies)})", flush=True)
         if len(done) == len(studies):
@@ -697,8 +723,9 @@ def _summary(client: OrthancClient, study: DemoStudy) -> list[str]:
     truth = "consolidation" if study.positive else "no consolidation"
     lines = [f"{study.path.name}: {study.modality}, {study.encoding}, phantom truth: {truth}"]
     instances = client.study_instances(study.study_uid)
-    srs = [i for i in instances if i["SOPClassUID"].startswith("1.2.840.10008.5.1.4.1.1.88.")]
-    scs = [i for i in instances if i["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.7"]
+    srs = [i for i in instances if i["SOPClassUID"].startswith(_SR_PREFIX)]
+    scs = [i for i in instances if i["SOPClassUID"] == _SC_CLASS]
+    segs = [i for i in instances if i["SOPClassUID"] == _SEG_CLASS]
     if not srs:
         return [*lines, "  no SR in Orthanc yet"]
     findings = read_sr_findings(pydicom.dcmread(BytesIO(client.instance_file(srs[0]["ID"]))))
@@ -706,7 +733,8 @@ def _summary(client: OrthancClient, study: DemoStudy) -> list[str]:
         decision = "positive" if f.positive else "negative"
         lines.append(f"  {f.model:<18} p={f.probability:.3f}  threshold {f.threshold:.3f}  {decision}")
     lines.append(
-        f"  consensus: {'positive' if findings.consensus else 'negative'}; {len(scs)} heatmap images"
+        f"  consensus: {'positive' if findings.consensus else 'negative'}; in the study: {len(scs)} "
+        f"picture(s) (summary + a heatmap per positive model), {len(segs)} heatmap overlay(s), {len(srs)} SR"
     )
     return lines
 
@@ -758,8 +786,7 @@ def _run_demo(settings: Settings, keep_running: bool) -> int:
         studies = make_demo_studies(workdir / "inputs")
         print(f"sending {len(studies)} synthetic phantom studies to Orthanc with {STORESCU} ...", flush=True)
         storescu([s.path for s in studies], dicom_port, orthanc.aet)
-        per_image = len(settings.core.enabled_models) + 1  # one heatmap per model and the SR
-        complete = _wait_for_results(orthanc.client, studies, per_image, DEMO_TIMEOUT_S)
+        complete = _wait_for_results(orthanc.client, studies, DEMO_TIMEOUT_S)
         print()
         for s in studies:
             print("\n".join(_summary(orthanc.client, s)))

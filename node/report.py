@@ -58,8 +58,19 @@ def _job_record(job: Job) -> dict[str, Any]:
             }
             for r in job.results
         ],
+        "content_key": job.content_key,
         "outputs": [
-            {"kind": o.kind, "model": o.model, "sop_instance_uid": o.sop_instance_uid} for o in job.outputs
+            {
+                "kind": o.kind,
+                "model": o.model,
+                "sop_class_uid": o.sop_class_uid,
+                "sop_instance_uid": o.sop_instance_uid,
+                "series_instance_uid": o.series_instance_uid,
+                "instance_number": o.instance_number,
+                "supersedes": o.supersedes,
+                "path": o.path,
+            }
+            for o in job.outputs
         ],
         "sends": [
             {
@@ -125,6 +136,10 @@ def _table(records: list[dict[str, Any]], assoc: dict[str, int], out: TextIO) ->
                 for m in r["results"]
             )
             print(f"       models: {models}", file=out)
+        for o in r["outputs"]:
+            what = o["kind"] + (f" {o['model']}" if o["model"] else "")
+            supersedes = f" (supersedes {o['supersedes']})" if o["supersedes"] else ""
+            print(f"       output {what}: {o['path']}{supersedes}", file=out)
         if r["sends"]:
             sends = "; ".join(
                 f"{s['destination']} {s['status']} ({s['attempts']} attempt(s))"

@@ -366,14 +366,21 @@ def build_ae(node: NodeConfig) -> AE:
     return ae
 
 
-def start_scp(node: NodeConfig, sessions: sessionmaker, job_signal: JobSignal) -> ThreadedAssociationServer:
+def start_scp(
+    node: NodeConfig, sessions: sessionmaker, job_signal: JobSignal, content_key: str | None = None
+) -> ThreadedAssociationServer:
     """Start listening on ``node.bind:node.port`` (returns at once; ``server.shutdown()`` stops it).
+
+    ``content_key``: see :class:`node.store.InstanceStore` (images received again are re-analysed when
+    their results were made with another configuration).
 
     Raises :class:`OSError` when the address cannot be bound.
     """
     ctx = ScpContext(
         node=node,
-        store=InstanceStore(node.storage_dir, sessions, job_signal, node.min_free_disk_mb * 2**20),
+        store=InstanceStore(
+            node.storage_dir, sessions, job_signal, node.min_free_disk_mb * 2**20, content_key
+        ),
         associations=AssociationLog(sessions),
     )
     ae = build_ae(node)

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from sqlalchemy.exc import OperationalError
@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+# Every class the node's outputs can have: proposed on every association, so that a lingering one
+# serves the next job's results whatever kinds they are.
+OUTPUT_SOP_CLASSES = frozenset({SC_SOP_CLASS, SR_SOP_CLASS, SEG_SOP_CLASS})
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 # Success, and the warnings that still mean "stored" (coercion, elements discarded, not fully validated).
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
@@ -192,18 +196,19 @@ def _no_files() -> SendOutcome:
 class Link:
     """One association to one destination, used for send after send until :meth:`close`.
 
-    The node's outputs are SC and SR objects; both classes are always proposed, with explicit and
-    implicit VR little endian. A refused association is remembered as :attr:`error`: every send given to
-    the link then fails with it, without another connection attempt.
+    The node's outputs are SC, Segmentation and SR objects; all three classes are always proposed, with
+    explicit and implicit VR little endian. A refused association is remembered as :attr:`error`: every
+    send given to the link then fails with it, without another connection attempt.
     """
 
     def __init__(self, settings: Settings, work: SendWork) -> None:
         self.where = _where(work)
         self.error: str | None = None
+        self._warned: set[str] = set()
         self._msg_id = 0
         ae = _make_ae(settings)
         transfer_syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        classes = {f.sop_class_uid for f in work.files} | {SC_SOP_CLASS, SR_SOP_CLASS}
+        classes = {f.sop_class_uid for f in work.files} | OUTPUT_SOP_CLASSES
         for sop_class in sorted(classes):
             ae.add_requested_context(sop_class, transfer_syntaxes)
         self.assoc = ae.associate(work.host, work.port, ae_title=work.ae_title, max_pdu=settings.node.max_pdu)
@@ -232,7 +237,14 @@ class Link:
             return SendOutcome(False, "association lost before this send", started, started)
         statuses: list[str] = []
         ok = True
+        accepted = {str(cx.abstract_syntax) for cx in self.assoc.accepted_contexts}
         for f in work.files:
+            if f.sop_class_uid not in accepted:
+                # a destination that takes no Segmentations (say) still gets the SCs and the SR; the
+                # administrator is told what to change, and the object is not retried for ever
+                statuses.append(f"{f.sop_instance_uid}=skipped ({f.kind}: SOP class not accepted)")
+                self._not_accepted(f)
+                continue
             self._msg_id += 1
             text, stored, usable = _send_one(self.assoc, self._msg_id, f)
             statuses.append(text)
@@ -242,6 +254,23 @@ class Link:
                 ok = False
                 break
         return SendOutcome(ok, "; ".join(statuses), started, utcnow())
+
+    def _not_accepted(self, f: OutgoingFile) -> None:
+        if f.sop_class_uid in self._warned:
+            return
+        self._warned.add(f.sop_class_uid)
+        name = getattr(UID(f.sop_class_uid), "name", f.sop_class_uid)
+        ae_title, host, port = self.where
+        log.warning(
+            "%s at %s:%d does not accept %s: the node's %s outputs are not sent there; allow that SOP "
+            "class at the destination, or remove %r from [outputs] kinds",
+            ae_title,
+            host,
+            port,
+            name,
+            f.kind,
+            f.kind,
+        )
 
     def close(self) -> None:
         if self.assoc.is_established:

@@ -99,7 +99,7 @@ def serve(settings: Settings) -> int:
         worker, sender, job_signal = _start_threads(settings, sessions)
         if not stop.is_set():  # a signal during model loading: skip listening altogether
             try:
-                server = start_scp(node, sessions, job_signal)
+                server = start_scp(node, sessions, job_signal, worker.context.content_key)
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot listen on {node.bind}:{node.port}: {exc.strerror}") from exc
             host, port = server.server_address[:2]

@@ -97,11 +97,21 @@ class InstanceStore:
         Notified after a queued job is committed.
     min_free_bytes
         Refuse new data when less than this (plus the instance) would stay free under ``storage_dir``.
+    content_key
+        The configuration the node's outputs are made with now
+        (:attr:`node.outputs.identity.OutputContext.content_key`): an image received again whose results
+        were made with another one is analysed again. None: a received-again image is only counted.
     """
 
     def __init__(
-        self, storage_dir: Path, sessions: sessionmaker, job_signal: JobSignal, min_free_bytes: int
+        self,
+        storage_dir: Path,
+        sessions: sessionmaker,
+        job_signal: JobSignal,
+        min_free_bytes: int,
+        content_key: str | None = None,
     ) -> None:
+        self.content_key = content_key
         self.storage_dir = Path(storage_dir)
         self.sessions = sessions
         self.job_signal = job_signal
@@ -127,8 +137,9 @@ class InstanceStore:
     def store(self, rec: Received, data: bytes) -> StoreResult:
         """Make one received instance durable and queue (or skip) its job.
 
-        An instance already recorded is not written again: its ``times_received`` goes up and no new job
-        is made (outcome ``duplicate``).
+        An instance already recorded is not written again: its ``times_received`` goes up (outcome
+        ``duplicate``), and it gets a new job only if its latest results were made with another
+        configuration than the node's current one (the new results then supersede the old).
 
         Raises
         ------
@@ -139,7 +150,12 @@ class InstanceStore:
         with self._lock_for(rec.sop_instance_uid):
             dup = self._count_duplicate(rec)
             if dup is not None:
-                return StoreResult(StoreOutcome.DUPLICATE, dup[0], Path(dup[1]))
+                again = self._reanalyse(dup[0], rec)
+                if again is not None:
+                    self.job_signal.notify()
+                return StoreResult(
+                    StoreOutcome.DUPLICATE, dup[0], Path(dup[1]), again, again and JobStatus.QUEUED
+                )
             self.check_space(len(data))
             try:
                 write_atomic(path, data)
@@ -180,6 +196,41 @@ class InstanceStore:
                 )
                 _bump_association(s, rec.association_id, received=1)
                 return int(row[0]), str(row[1])
+        except SQLAlchemyError as exc:
+            raise OutOfResourcesError(f"database error: {exc.__class__.__name__}: {exc}") from exc
+
+    def _reanalyse(self, instance_id: int, rec: Received) -> int | None:
+        """Queue a new job for a received-again instance whose latest results are stale; its id, or None."""
+        if self.content_key is None or not rec.analysable:
+            return None
+        try:
+            with self.sessions.begin() as s:
+                latest = s.scalars(
+                    select(Job).where(Job.instance_id == instance_id).order_by(Job.id.desc()).limit(1)
+                ).first()
+                if (
+                    latest is None
+                    or latest.status != JobStatus.DONE
+                    or latest.content_key == self.content_key
+                ):
+                    return None
+                now = utcnow()
+                job = Job(
+                    instance_id=instance_id,
+                    status=JobStatus.QUEUED,
+                    attempts=0,
+                    reply_ae=rec.calling_ae,
+                    created_at=now,
+                    reason=f"received again; results of job {latest.id} were made with another configuration",
+                )
+                s.add(job)
+                s.flush()
+                log.info(
+                    "instance %s received again: job %d re-analyses it with the current configuration",
+                    rec.sop_instance_uid,
+                    job.id,
+                )
+                return int(job.id)
         except SQLAlchemyError as exc:
             raise OutOfResourcesError(f"database error: {exc.__class__.__name__}: {exc}") from exc
 

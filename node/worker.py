@@ -1,7 +1,8 @@
 """The analysis thread: claims queued jobs in batches, has the model process (:mod:`node.inference`) run
-every enabled model with Grad-CAM on them, writes the Secondary Capture overlays and the SR, and records
-everything (results, outputs, the send) in one transaction. Two batches are in flight: while the model
-process runs one, this thread writes the outputs of the one before.
+every enabled model with Grad-CAM on them, builds the outputs (:mod:`node.outputs.build`) and has
+:mod:`node.results` write them and record everything (results, outputs, the send) in one transaction.
+Two batches are in flight: while the model process runs one, this thread writes the outputs of the one
+before.
 
 Failures are sorted in two kinds. *Permanent*: the image cannot be analysed (an :class:`InputError`, a file
 that is not DICOM, outputs that cannot be built): the job is ``failed`` with the reason at once.
@@ -29,19 +30,23 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gradcam.analysis import RawOutput, assemble, model_inputs
 from gradcam.errors import InputError
-from gradcam.phantom_dicom import phantom_dataset
-from gradcam.phantoms import make_phantom
 from gradcam.preprocess import SourceImage, load_dataset_image
-from gradcam.render import render_overlay
 from gradcam.results import AnalysisResult
 from node.config import Settings
-from node.db import Instance, Job, JobStatus, Output, Result, utcnow
+from node.db import Instance, Job, JobStatus, utcnow
 from node.inference import ChildError, InferenceProcess, ModelError
-from node.outbox import create_send
-from node.outputs import build_secondary_capture, build_sr
-from node.outputs.common import reference_header
+from node.outputs import Built, OutputContext, build_outputs, plan_outputs
 from node.queue import JobSignal
-from node.spool import output_path, write_atomic
+from node.results import (
+    Done,
+    PermanentError,
+    device_uid,
+    instance_numbers,
+    predecessor_of,
+    record_done,
+    write_outputs,
+)
+from node.warmup import warm_up_source
 
 __all__ = [
     "ClaimedJob",
@@ -57,10 +62,6 @@ log = logging.getLogger(__name__)
 # Worth another try later: disk full or I/O trouble, database locked, torch out of memory (a RuntimeError).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, OperationalError, RuntimeError)
 _DB_ERROR_PAUSE_S = 1.0
-
-
-class PermanentError(Exception):
-    """This job cannot succeed however often it is tried; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,12 @@ class Worker:
         self.send_signal = send_signal
         self.models = InferenceProcess(settings.core, settings.worker.inference_threads)
         self.models.start()  # raises if a checkpoint cannot be loaded: the node does not start half-able
+        self.context = OutputContext.of(
+            ((m.cfg, m.sha256) for m in self.models.models),
+            settings.core.render,
+            settings.outputs,
+            device_uid(sessionmaker, settings.node.device_uid),
+        )
         self._warm_up_outputs()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
@@ -189,17 +196,20 @@ class Worker:
         return self._thread.is_alive()
 
     def _warm_up_outputs(self) -> None:
-        """Make (and discard) the outputs for a small synthetic phantom once, so that the first study after
-        a start does not pay for first-use costs (about 0.3 s measured: highdicom's IOD tables, encoders)."""
+        """Make (and discard) every kind of output for a small synthetic image once, so that the first study
+        after a start does not pay for first-use costs (about 0.3 s measured: highdicom's IOD tables,
+        encoders)."""
         t0 = time.perf_counter()
         try:
-            ds = phantom_dataset(make_phantom(0, 0, False, 64), 0, 0)
+            ds = warm_up_source()
             image = load_dataset_image(ds, self.settings.core.preprocess.max_pixels, "warm-up")
-            flat = [RawOutput(0.5, np.ones((2, 2), np.float32), 0.0)]
-            raw = {m.cfg.name: flat for m in self.models.models}
+            peaked = np.zeros((2, 2), np.float32)
+            peaked[0, 0] = 1.0
+            raw = {m.cfg.name: [RawOutput(1.0, peaked, 0.0)] for m in self.models.models}
             (analysis,) = assemble([image], self.models.models, raw)
-            for _kind, _model, output in self._build_outputs(ds, image, analysis):
-                output.save_as(io.BytesIO(), enforce_file_format=True)
+            numbers = {p.sop_uid: 1 for p in plan_outputs(ds, analysis, self.context)}
+            for built in build_outputs(ds, image, analysis, self.context, numbers):
+                built.dataset.save_as(io.BytesIO(), enforce_file_format=True)
         except Exception:  # noqa: BLE001 - only a speed-up; a real job reports any real problem
             log.warning("output warm-up failed", exc_info=True)
             return
@@ -329,103 +339,47 @@ class Worker:
             item.error = exc
 
     def _complete(self, item: _Item) -> bool:
-        """Write the outputs and record the job as done; True if a send was queued."""
+        """Build and write the outputs and record the job as done; True if a send was queued."""
         assert item.source is not None and item.image is not None and item.analysis is not None
-        job, analysis = item.job, item.analysis
-        outputs = self._write_outputs(item)
+        job, analysis, ctx = item.job, item.analysis, self.context
+        with self.factory() as s:
+            predecessor = predecessor_of(s, job.job_id, ctx.content_key)
+            before = None if predecessor is None else str(predecessor.SOPInstanceUID)
+            numbers = instance_numbers(s, plan_outputs(item.source, analysis, ctx, before))
+        built = self._build(item.source, item.image, analysis, numbers, predecessor)
+        rows = write_outputs(self.settings.node.storage_dir, job.sop_instance_uid, built)
         dest = self.settings.destination_for_caller(job.reply_ae)
-        now = utcnow()
         duration_ms = (time.perf_counter() - item.t0) * 1000.0
-        with self.factory.begin() as s:
-            row = s.get(Job, job.job_id)
-            if row is None or row.status != JobStatus.RUNNING:
-                raise PermanentError(f"job {job.job_id} is no longer running (state changed underneath)")
-            for r in analysis.models.values():
-                s.add(
-                    Result(
-                        job_id=job.job_id,
-                        model=r.model,
-                        builder=r.builder,
-                        probability=float(r.probability),
-                        threshold=float(r.threshold),
-                        positive=bool(r.positive),
-                        cam_peak_row=int(r.cam_peak[0]),
-                        cam_peak_col=int(r.cam_peak[1]),
-                        checkpoint_sha256=r.checkpoint_sha256,
-                        ms=float(r.ms),
-                        created_at=now,
-                    )
-                )
-            for o in outputs:
-                o.job_id = job.job_id
-                s.add(o)
-            if dest is not None:
-                create_send(s, job.job_id, dest, now)
-            row.status = JobStatus.DONE
-            row.reason = None if dest is not None else "no destination configured"
-            row.consensus = bool(analysis.consensus)
-            row.finished_at = now
-            row.next_attempt_at = None
-            row.duration_ms = duration_ms
+        record_done(self.factory, Done(job.job_id, analysis, ctx.content_key, rows, dest, duration_ms))
         probs = ", ".join(
             f"{m}={r.probability:.3f}{'+' if r.positive else '-'}" for m, r in analysis.models.items()
         )
         log.info(
-            "job %d (%s) done in %.0f ms: consensus %s [%s]%s",
+            "job %d (%s) done in %.0f ms: consensus %s [%s], %d output(s)%s%s",
             job.job_id,
             job.sop_instance_uid,
             duration_ms,
             "POSITIVE" if analysis.consensus else "negative",
             probs,
+            len(rows),
+            f", supersedes SR {before}" if before else "",
             f" -> {dest.name}" if dest else "; no destination configured",
         )
         return dest is not None
 
-    def _build_outputs(
-        self, source: pydicom.Dataset, image: SourceImage, analysis: AnalysisResult
-    ) -> list[tuple[str, str | None, pydicom.Dataset]]:
-        """One SC per model and the SR, as ``(kind, model, dataset)``; PermanentError if they cannot be."""
-        cfg = self.settings.outputs
-        results = list(analysis.models.values())
-        datasets: list[tuple[str, str | None, pydicom.Dataset]] = []
+    def _build(
+        self,
+        source: pydicom.Dataset,
+        image: SourceImage,
+        analysis: AnalysisResult,
+        numbers: dict[str, int],
+        predecessor: pydicom.Dataset | None,
+    ) -> list[Built]:
+        """The outputs of one image; PermanentError if they cannot be made from it."""
         try:
-            ref = reference_header(source)
-            for n, r in enumerate(results, start=1):
-                overlay = render_overlay(image, r, self.settings.core.render)
-                sc = build_secondary_capture(source, overlay, r, cfg, n, ref=ref)
-                datasets.append(("sc", r.model, sc))
-            sr = build_sr(source, results, analysis.consensus, cfg, ref=ref)
-            datasets.append(("sr", None, sr))
+            return build_outputs(source, image, analysis, self.context, numbers, predecessor)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise PermanentError(f"cannot build outputs: {_describe(exc)}") from exc
-        return datasets
-
-    def _write_outputs(self, item: _Item) -> list[Output]:
-        """Build one SC per model and the SR, write each atomically; the Output rows, not yet added."""
-        assert item.source is not None and item.image is not None and item.analysis is not None
-        datasets = self._build_outputs(item.source, item.image, item.analysis)
-        rows = []
-        root = self.settings.node.storage_dir
-        for kind, model, ds in datasets:
-            try:
-                path = output_path(root, item.job.sop_instance_uid, ds.SOPInstanceUID)
-            except ValueError as exc:
-                raise PermanentError(str(exc)) from exc
-            buf = io.BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            write_atomic(path, buf.getvalue())
-            rows.append(
-                Output(
-                    kind=kind,
-                    model=model,
-                    sop_class_uid=str(ds.SOPClassUID),
-                    sop_instance_uid=str(ds.SOPInstanceUID),
-                    series_instance_uid=str(ds.SeriesInstanceUID),
-                    path=str(path),
-                    created_at=utcnow(),
-                )
-            )
-        return rows
 
     def _fail(self, item: _Item) -> None:
         """Store a failed attempt: retry later if transient and attempts remain, else ``failed``."""

@@ -419,18 +419,32 @@ def start_node(
     the node answers C-ECHO when this returns. Stop it with :meth:`RunningNode.stop`.
     """
     port = port or free_port()
-    storage = base / "spool"
-    db_url = f"sqlite:///{base / 'node.db'}"
     node_table = {"ae_title": ae_title, **config.pop("node", {})}
     cfg = write_test_config(
         base / "node.toml",
         checkpoints=checkpoints,
         port=port,
-        storage_dir=storage,
-        database_url=db_url,
+        storage_dir=base / "spool",
+        database_url=f"sqlite:///{base / 'node.db'}",
         node=node_table,
         **config,
     )
+    allowed = node_table.get("allowed_calling_aets") or ["PROBE"]
+    return start_node_with(cfg, base, port, ae_title, probe_ae=allowed[0], wait=wait, env=env)
+
+
+def start_node_with(
+    cfg: Path,
+    base: Path,
+    port: int,
+    ae_title: str = "GRADCAM",
+    *,
+    probe_ae: str = "PROBE",
+    wait: bool = True,
+    env: Mapping[str, str] | None = None,
+) -> RunningNode:
+    """Start ``python -m node.cli --config CFG serve`` on a configuration written elsewhere, whose spool is
+    ``base/spool`` and database ``base/node.db``; the log goes to ``base/node.log``."""
     log_path = base / "node.log"
     with log_path.open("wb") as log_file:  # the child keeps its own descriptor
         proc = subprocess.Popen(
@@ -441,8 +455,8 @@ def start_node(
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
-    allowed = node_table.get("allowed_calling_aets") or ["PROBE"]
-    running = RunningNode(proc, port, ae_title, cfg, storage, db_url, log_path, probe_ae=allowed[0])
+    db_url = f"sqlite:///{base / 'node.db'}"
+    running = RunningNode(proc, port, ae_title, cfg, base / "spool", db_url, log_path, probe_ae=probe_ae)
     if wait:
         try:
             running.wait_ready()

@@ -7,7 +7,7 @@ BodyPartExamined CHEST or absent) are sent to the node, registered in orthanc.js
 
 Never routed (so results never loop back to the node):
   - anything the node itself stored (calling AE = NODE_AET),
-  - Secondary Capture and Structured Report objects (the node's output classes),
+  - Secondary Capture, Segmentation and Structured Report objects (the node's output classes),
   - anything with Manufacturer "gradcam-node" (the node's outputs carry it),
   - instances stored by Lua (modified copies) and by plugins.
 
@@ -38,8 +38,9 @@ ROUTED_ORIGINS = { DicomProtocol = true, RestApi = true }
 
 NODE_MANUFACTURER = 'gradcam-node'
 
--- What the node sends back: Secondary Capture (single- and multi-frame) and Structured Reports (all kinds).
-OUTPUT_SOP_CLASSES = { ['1.2.840.10008.5.1.4.1.1.7'] = true }
+-- What the node sends back: Secondary Capture (single- and multi-frame), Segmentation (its heatmaps) and
+-- Structured Reports (all kinds).
+OUTPUT_SOP_CLASSES = { ['1.2.840.10008.5.1.4.1.1.7'] = true, ['1.2.840.10008.5.1.4.1.1.66.4'] = true }
 OUTPUT_SOP_CLASS_PREFIXES = { '1.2.840.10008.5.1.4.1.1.7.', '1.2.840.10008.5.1.4.1.1.88.' }
 
 

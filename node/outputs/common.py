@@ -4,16 +4,19 @@ patient and study of the source image."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from importlib import metadata
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM
 
-from gradcam.results import DISCLAIMER, ModelResult
+from gradcam.results import DISCLAIMER
 
 __all__ = [
+    "Placement",
     "MANUFACTURER",
     "MODEL_NAME",
     "SOFTWARE_VERSION",
@@ -22,10 +25,26 @@ __all__ = [
     "is_own_output",
     "reference_header",
     "copy_patient_study",
+    "copy_patient_orientation",
     "processing_equipment",
+    "processing_algorithm",
+    "PROCESSING_ALGORITHM",
     "lo",
-    "algorithm_line",
 ]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an output goes: its series, its SOP Instance UID, and its number within the series."""
+
+    series_uid: str
+    sop_uid: str
+    instance_number: int
+
+    def __post_init__(self) -> None:
+        if self.instance_number < 1:
+            raise ValueError(f"instance_number: expected >= 1, got {self.instance_number}")
+
 
 MANUFACTURER = "gradcam-node"
 MODEL_NAME = "gradcam-node pneumonia Grad-CAM"  # ManufacturerModelName of every output
@@ -136,25 +155,64 @@ def copy_patient_study(source: Dataset, target: Dataset) -> None:
         target.SpecificCharacterSet = source.SpecificCharacterSet
 
 
+def copy_patient_orientation(source: Dataset, target: Dataset) -> None:
+    """The source's Patient Orientation, or an empty one (type 2C in the General Image module when there
+    is no frame of reference, as on projection radiographs)."""
+    if "PatientOrientation" in source:
+        target.add(copy.deepcopy(source["PatientOrientation"]))
+    else:
+        target.PatientOrientation = None
+
+
 def lo(text: str) -> str:
     """``text`` cut to the 64 characters of a LO element (configured descriptions may be longer)."""
     return text.strip()[:64]
 
 
-def processing_equipment(description: str) -> hd.ContributingEquipment:
-    """The node as processing equipment of an output (Contributing Equipment Sequence item)."""
-    return hd.ContributingEquipment(
+# IHE Radiology AI Results: the algorithm that made an output, in its Contributing Equipment Sequence.
+PROCESSING_ALGORITHM = Code("1630", "99IHE", "Processing Algorithm")
+
+
+def _contribution(description: str) -> str:
+    return f"{description[: 1024 - len(DISCLAIMER) - 2]}; {DISCLAIMER}"
+
+
+def processing_equipment(
+    description: str, device_uid: str | None = None, software_version: str = SOFTWARE_VERSION
+) -> hd.ContributingEquipment:
+    """The node as processing equipment of an output (Contributing Equipment Sequence item).
+
+    ``device_uid`` (the installation's, see :func:`node.results.device_uid`) is its Device Serial Number:
+    the item has no Device UID attribute in the IODs dciodvfy knows.
+    """
+    item = hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=MODEL_NAME,
-        software_versions=SOFTWARE_VERSION,
-        contribution_description=f"{description[: 1024 - len(DISCLAIMER) - 2]}; {DISCLAIMER}",
+        software_versions=software_version,
+        contribution_description=_contribution(description),
     )
+    if device_uid:
+        item.DeviceSerialNumber = device_uid
+    return item
 
 
-def algorithm_line(result: ModelResult) -> str:
-    """One line naming the algorithm that made ``result``: model, builder, checkpoint, software version."""
-    return (
-        f"model {result.model} ({result.builder}), checkpoint sha256 {result.checkpoint_sha256}, "
-        f"{MANUFACTURER} {SOFTWARE_VERSION}"
+def processing_algorithm(model: str, version: str, device_uid: str | None = None) -> hd.ContributingEquipment:
+    """One model as the processing algorithm of an output (IHE AIR: purpose 99IHE 1630).
+
+    highdicom accepts only DCM purposes of reference, so the item is made as processing equipment and its
+    purpose is set afterwards.
+    """
+    item = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=lo(model),
+        software_versions=lo(version),
+        contribution_description=_contribution(
+            f"pneumonia classification with Grad-CAM by {model} ({version})"
+        ),
     )
+    item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(PROCESSING_ALGORITHM)]
+    if device_uid:
+        item.DeviceSerialNumber = device_uid
+    return item

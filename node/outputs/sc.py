@@ -1,15 +1,18 @@
-"""Secondary Capture of one model's Grad-CAM overlay on one source image (highdicom ``SCImage``).
+"""Secondary Captures: one model's Grad-CAM overlay (kind ``sc``), or the summary of every model and the
+consensus on one image (kind ``summary``), both highdicom ``SCImage`` in RGB.
 
-What identifies the algorithm: DerivationDescription (model, probability, threshold, decision, builder,
-checkpoint SHA-256, software version), DerivationCodeSequence (DCM 130403 "Gradient-weighted class
-activation", plus DCM 113085 "Spatial resampling" when the overlay is smaller than the source), the node
-as processing equipment in ContributingEquipmentSequence (its ContributionDescription repeats model and
-checkpoint), and ImageComments (the disclaimer and the same facts).
+What identifies the algorithm: DerivationDescription (models, probabilities, thresholds, decisions, the
+consensus, checkpoints, software version), DerivationCodeSequence (DCM 130403 "Gradient-weighted class
+activation", plus DCM 113085 "Spatial resampling" when the picture does not have the source's geometry),
+ContributingEquipmentSequence (each model as Processing Algorithm, 99IHE 1630, and the node as processing
+equipment), and ImageComments (the disclaimer and the same facts). Burned In Annotation is NO: the
+caption holds model names, numbers and the disclaimer, nothing that identifies the patient.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
@@ -17,19 +20,19 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
-from gradcam.results import DISCLAIMER, ModelResult
-from node.config import OutputsConfig
+from gradcam.results import DISCLAIMER, AnalysisResult, ModelResult
 from node.outputs.common import (
     MANUFACTURER,
     MODEL_NAME,
-    SOFTWARE_VERSION,
-    algorithm_line,
+    Placement,
+    copy_patient_orientation,
     copy_patient_study,
     lo,
+    processing_algorithm,
     processing_equipment,
     reference_header,
 )
-from node.outputs.uids import sc_instance_uid, sc_series_uid
+from node.outputs.identity import OutputContext
 
 __all__ = ["build_secondary_capture", "derivation_description"]
 
@@ -51,24 +54,32 @@ def _check_overlay(overlay: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _decision(result: ModelResult) -> str:
-    return "positive" if result.positive else "negative"
+def _decision(positive: bool) -> str:
+    return "positive" if positive else "negative"
 
 
-def derivation_description(result: ModelResult) -> str:
-    """Human-readable derivation of the SC: what was computed, the decision, the algorithm, the disclaimer."""
+def _finding(r: ModelResult, ctx: OutputContext) -> str:
+    relation = ">=" if r.positive else "<"
     return (
-        f"Grad-CAM heatmap of {result.model} (p={result.probability:.3f}, threshold {result.threshold:g}, "
-        f"{_decision(result)}); {algorithm_line(result)}; {DISCLAIMER}"
+        f"{r.model} p={r.probability:.6f} {relation} threshold {r.threshold:g}: {_decision(r.positive)} "
+        f"(checkpoint {ctx.model(r.model).version})"
     )
 
 
-def _image_comments(result: ModelResult) -> str:
-    return (
-        f"{DISCLAIMER}. Pneumonia classification with Grad-CAM heatmap: {result.model} "
-        f"probability {result.probability:.6f}, threshold {result.threshold:g}, "
-        f"decision {_decision(result)}; {algorithm_line(result)}."
-    )
+def _consensus(analysis: AnalysisResult) -> str:
+    n = len(analysis.models)
+    k = sum(1 for r in analysis.models.values() if r.positive)
+    return f"consensus of {n} models by majority vote: {_decision(analysis.consensus)} ({k} of {n} positive)"
+
+
+def derivation_description(analysis: AnalysisResult, model: str | None, ctx: OutputContext) -> str:
+    """What the picture shows (one model's map, or the summary), the decisions, the consensus, the
+    algorithm and the disclaimer, in one line."""
+    if model is not None:
+        what = f"Grad-CAM heatmap of {_finding(analysis.models[model], ctx)}"
+    else:
+        what = "Summary of " + "; ".join(_finding(r, ctx) for r in analysis.models.values())
+    return f"{what}; {_consensus(analysis)}; {MANUFACTURER} {ctx.software_version}; {DISCLAIMER}"
 
 
 def _source_reference(source: Dataset) -> Dataset:
@@ -86,65 +97,74 @@ def _derivation_codes(source: Dataset, overlay: np.ndarray) -> list[Dataset]:
     return items
 
 
+def _equipment(
+    results: Sequence[ModelResult], ctx: OutputContext, what: str
+) -> list[hd.ContributingEquipment]:
+    items = [processing_algorithm(r.model, ctx.model(r.model).version, ctx.device_uid) for r in results]
+    return [*items, processing_equipment(what, ctx.device_uid, ctx.software_version)]
+
+
 def build_secondary_capture(
     source: Dataset,
     overlay: np.ndarray,
-    result: ModelResult,
-    outputs: OutputsConfig,
-    instance_number: int = 1,
+    analysis: AnalysisResult,
+    model: str | None,
+    ctx: OutputContext,
+    placement: Placement,
     ref: Dataset | None = None,
 ) -> Dataset:
     """One Secondary Capture (RGB, explicit VR little endian) of ``overlay`` in the source's study.
 
-    Patient and study attributes are the source's, the series is the study's SC series of this node
-    (:func:`node.outputs.uids.sc_series_uid`), the SOP Instance UID is deterministic
-    (:func:`node.outputs.uids.sc_instance_uid`). ``ref`` is :func:`node.outputs.common.reference_header`
-    of ``source`` when the caller has it already. Raises ValueError/TypeError for a bad overlay or source.
+    ``model`` names the model whose map ``overlay`` shows; None for the summary of all models. Patient and
+    study attributes are the source's; series, SOP Instance UID and Instance Number come from
+    ``placement``. ``ref`` is :func:`node.outputs.common.reference_header` of ``source`` when the caller has
+    it already. Raises ValueError/TypeError for a bad overlay or source, KeyError for an unknown model.
     """
     pixels = _check_overlay(overlay)
     ref = reference_header(source) if ref is None else ref
+    results = list(analysis.models.values()) if model is None else [analysis.models[model]]
+    what = "Summary of the pneumonia classification" if model is None else f"Grad-CAM heatmap of {model}"
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ref,
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=sc_series_uid(str(source.StudyInstanceUID)),
-        series_number=outputs.sc_series_number,
-        sop_instance_uid=sc_instance_uid(str(source.SOPInstanceUID), result),
-        instance_number=max(1, int(instance_number)),
+        series_instance_uid=placement.series_uid,
+        series_number=ctx.outputs.sc_series_number,
+        sop_instance_uid=placement.sop_uid,
+        instance_number=placement.instance_number,
         manufacturer=MANUFACTURER,
         patient_orientation=_PLACEHOLDER_ORIENTATION,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[processing_equipment(f"Grad-CAM heatmap: {algorithm_line(result)}")],
-        series_description=lo(outputs.sc_series_description),
+        contributing_equipment=_equipment(results, ctx, what),
+        series_description=lo(ctx.outputs.sc_series_description),
         manufacturer_model_name=MODEL_NAME,
-        software_versions=SOFTWARE_VERSION,
+        software_versions=ctx.software_version,
     )
     copy_patient_study(source, sc)
-    if "PatientOrientation" in source:
-        sc.add(copy.deepcopy(source["PatientOrientation"]))
-    else:
-        sc.PatientOrientation = None
+    copy_patient_orientation(source, sc)
     for keyword in ("BodyPartExamined", "Laterality"):
         if keyword in source and source[keyword].value:
             sc.add(copy.deepcopy(source[keyword]))
-    _describe(sc, source, pixels, result)
+    sc.DeviceSerialNumber = ctx.device_uid
+    description = derivation_description(analysis, model, ctx)
+    _describe(sc, source, pixels, description, ctx.software_version)
     return sc
 
 
-def _describe(sc: Dataset, source: Dataset, pixels: np.ndarray, result: ModelResult) -> None:
+def _describe(sc: Dataset, source: Dataset, pixels: np.ndarray, description: str, version: str) -> None:
     """Derivation, references, burned-in annotation and the disclaimer."""
     sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.BurnedInAnnotation = "YES"  # caption with model, probability, decision and disclaimer
+    sc.BurnedInAnnotation = "NO"  # the caption names models, numbers and the disclaimer: no patient
     sc.ConversionType = "WSD"  # made by a workstation (software), not digitised
     sc.SecondaryCaptureDeviceManufacturer = MANUFACTURER
     sc.SecondaryCaptureDeviceManufacturerModelName = MODEL_NAME
-    sc.SecondaryCaptureDeviceSoftwareVersions = SOFTWARE_VERSION
+    sc.SecondaryCaptureDeviceSoftwareVersions = version
     sc.SourceImageSequence = [_source_reference(source)]
-    sc.DerivationDescription = derivation_description(result)[:1024]
+    sc.DerivationDescription = description[:1024]
     sc.DerivationCodeSequence = _derivation_codes(source, pixels)
-    sc.ImageComments = _image_comments(result)
+    sc.ImageComments = f"{DISCLAIMER}. {description}"[:10240]
     if str(source.get("LossyImageCompression", "")).strip() == "01":
         # the heatmap is drawn on a lossy-compressed image: say so, as the standard asks of derived images
         sc.LossyImageCompression = "01"

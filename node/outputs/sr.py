@@ -1,25 +1,39 @@
-"""The findings of all models on one image as a Comprehensive 3D SR with a TID 1500 Measurement Report.
+"""The findings of all models on one image as a Comprehensive 3D SR with a TID 1500 Measurement Report,
+following IHE Radiology AI Results: every finding tied to the source image, each map and picture of the
+result referenced, the regions a viewer can draw as SCOORDs, each algorithm identified by its checkpoint.
 
 Content tree (coded concepts in brackets)::
 
     Imaging Measurement Report (DCM 126000)
-      Language, Observer Type = Device (DCM 121007) + the node as device observer (TID 1004)
+      Language, Observer Type = Device (DCM 121007) + the node as device observer (TID 1004), with the
+        installation's device UID
       Procedure Reported = Plain chest X-ray (SCT 399208008)
       Image Library: the source image
       Imaging Measurements (DCM 126010)
-        one Measurement Group (TID 1501) per model:
-          Tracking Identifier "Pneumonia classification: <model>", Tracking UID (deterministic)
-          Finding (DCM 121071) = Pneumonia (SCT 233604007)
+        per model with a positive decision, a Planar ROI group (TID 1410):
+          Tracking Identifier "Pneumonia classification: <model>", Tracking UID (per source and model)
+          Image Region (SCOORD POLYLINE, closed) on the source image: the outline of the map's hot region
+            (CAM >= 0.5 x its maximum, around the peak)
+          Finding Category = Finding (SCT 404684003); Finding (DCM 121071) = Pneumonia (SCT 233604007)
           Finding Site (SCT 363698007) = Lung (SCT 39607008)
-          Algorithm Identification (TID 4019): name = model, version = node version, family = Artificial
-            Intelligence (DCM 123110), parameters "builder=...", "checkpoint_sha256=..."
+          Algorithm Identification (TID 4019): name = model, version = "sha256:<first 12 hex digits of the
+            checkpoint>", family = Artificial Intelligence (DCM 123110), parameters "builder=...",
+            "checkpoint_sha256=...", "input_size=..."
           Probability (DCM 122157) = p, unit "no units" (UCUM 1), full precision (FD and DS)
           Threshold Value (DCM 122411) = t, unit "no units" (UCUM 1)
-          Pneumonia (SCT 233604007) = Present (SCT 52101004) / Absent (SCT 272519000)
-          Source: the source image
+          Pneumonia (SCT 233604007) = Present (SCT 52101004)
+          Referenced Segment (DCM 121191): the model's heatmap Segmentation, segment 1
+          Illustration of ROI (DCM 121200): the model's Secondary Capture
+        per model with a negative decision, a Measurement Group (TID 1501): the same without a region,
+          Pneumonia = Absent (SCT 272519000), Source = the source image, and references to a map and a
+          picture only where "evidence for normal" maps are switched on
         one Measurement Group "Pneumonia consensus (majority vote)": the same finding and evaluation, the
           majority vote (a tie counts as positive) as algorithm, the models as its parameter
       Comment (DCM 121106): "AI research output - not for diagnostic use. ..."
+
+The Current Requested Procedure Evidence lists the source and every object of the result (summary, SCs,
+heatmaps). An SR that replaces an earlier analysis of the same image lists that SR in its Predecessor
+Documents Sequence.
 
 Present/Absent are DICOM CID 241 "Present-Absent Only", whose Absent is SCT 272519000 (not 2667000).
 The concept name of the evaluation is the finding itself, as IHE AI Results does for binary findings.
@@ -35,31 +49,33 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from gradcam.results import DISCLAIMER, ModelResult
-from node.config import OutputsConfig
+from gradcam.results import DISCLAIMER, AnalysisResult, ModelResult
 from node.outputs.common import (
     MANUFACTURER,
     MODEL_NAME,
-    SOFTWARE_VERSION,
+    Placement,
     copy_patient_study,
     lo,
+    processing_algorithm,
     processing_equipment,
     reference_header,
 )
-from node.outputs.uids import DEVICE_UID, sr_instance_uid, sr_series_uid, tracking_uid
+from node.outputs.identity import OutputContext
+from node.outputs.region import hot_region
+from node.outputs.uids import tracking_uid
 
 __all__ = [
     "build_sr",
     "sr_content",
     "sr_document_arguments",
-    "read_sr_findings",
-    "SRFindings",
-    "ModelFinding",
-    "SRReadError",
+    "evidence_header",
+    "Evidence",
     "CONSENSUS_TRACKING_ID",
+    "MODEL_TRACKING_PREFIX",
 ]
 
 PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
+FINDING = Code("404684003", "SCT", "Finding")
 PRESENT = codes.SCT.Present  # 52101004
 ABSENT = codes.SCT.Absent  # 272519000 (CID 241)
 CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
@@ -67,48 +83,21 @@ PROBABILITY = codes.DCM.Probability  # 122157
 THRESHOLD = codes.DCM.ThresholdValue  # 122411
 NO_UNITS = codes.UCUM.NoUnits  # "1"
 COMMENT = codes.DCM.Comment  # 121106
-_ALGORITHM_NAME = "111001"
-_ALGORITHM_PARAMETERS = "111002"
+REFERENCED_SEGMENT = codes.DCM.ReferencedSegment  # 121191
+ILLUSTRATION = codes.DCM.IllustrationOfROI  # 121200
 
 MODEL_TRACKING_PREFIX = "Pneumonia classification: "
 CONSENSUS_TRACKING_ID = "Pneumonia consensus (majority vote)"
 CONSENSUS_ALGORITHM = "gradcam-node majority vote"
 
 
-class SRReadError(ValueError):
-    """The SR is not one this node made, or it is damaged."""
-
-
 @dataclass(frozen=True)
-class ModelFinding:
-    """One model's finding as read back from an SR."""
+class Evidence:
+    """An object of the result that the SR references: ``kind`` ``summary``, ``sc`` or ``heatmap``."""
 
-    model: str
-    probability: float
-    threshold: float
-    positive: bool
-    builder: str = ""
-    checkpoint_sha256: str = ""
-
-
-@dataclass(frozen=True)
-class SRFindings:
-    """Everything :func:`read_sr_findings` reads from an SR: each model's finding and the consensus."""
-
-    models: tuple[ModelFinding, ...]
-    consensus: bool
-
-    def as_dict(self) -> dict[str, object]:
-        """``{model: {"probability", "threshold", "positive"}, ..., "consensus": bool}``."""
-        out: dict[str, object] = {
-            f.model: {"probability": f.probability, "threshold": f.threshold, "positive": f.positive}
-            for f in self.models
-        }
-        out["consensus"] = self.consensus
-        return out
-
-    def by_model(self) -> dict[str, ModelFinding]:
-        return {f.model: f for f in self.models}
+    kind: str
+    model: str | None
+    dataset: Dataset
 
 
 # --- building ----------------------------------------------------------------------------------------
@@ -122,38 +111,81 @@ def _finding_sites() -> list[hd.sr.FindingSite]:
     return [hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)]
 
 
-def _model_group(ref: Dataset, result: ModelResult) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+# How each kind of the model's objects is referenced from its group: concept, and the segment (if any).
+_REFERENCE_OF_KIND = {"heatmap": (REFERENCED_SEGMENT, [1]), "sc": (ILLUSTRATION, None)}
+
+
+def _reference_items(model: str, evidence: Sequence[Evidence]) -> list[hd.sr.ImageContentItem]:
+    """The model's heatmap (as a segment) and picture, as IMAGE items of its group."""
+    items = []
+    for e in evidence:
+        if e.model != model or e.kind not in _REFERENCE_OF_KIND:
+            continue
+        concept, segments = _REFERENCE_OF_KIND[e.kind]
+        items.append(
+            hd.sr.ImageContentItem(
+                name=concept,
+                referenced_sop_class_uid=e.dataset.SOPClassUID,
+                referenced_sop_instance_uid=e.dataset.SOPInstanceUID,
+                referenced_segment_numbers=segments,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    return items
+
+
+def _model_group(
+    ref: Dataset, result: ModelResult, ctx: OutputContext, evidence: Sequence[Evidence]
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    identity = ctx.model(result.model)
     algorithm = hd.sr.AlgorithmIdentification(
         name=result.model,
-        version=SOFTWARE_VERSION,
-        parameters=[f"builder={result.builder}", f"checkpoint_sha256={result.checkpoint_sha256}"],
+        version=identity.version,
+        parameters=[
+            f"builder={result.builder}",
+            f"checkpoint_sha256={result.checkpoint_sha256}",
+            f"input_size={identity.input_size}",
+        ],
         family=codes.DCM.ArtificialIntelligence,
         manufacturer=MANUFACTURER,
     )
-    measurements = [
-        hd.sr.Measurement(name=PROBABILITY, value=float(result.probability), unit=NO_UNITS),
-        hd.sr.Measurement(name=THRESHOLD, value=float(result.threshold), unit=NO_UNITS),
-    ]
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
+    common = {
+        "tracking_identifier": hd.sr.TrackingIdentifier(
             uid=tracking_uid(str(ref.SOPInstanceUID), result.model),
             identifier=f"{MODEL_TRACKING_PREFIX}{result.model}",
         ),
-        finding_type=PNEUMONIA,
-        finding_sites=_finding_sites(),
-        algorithm_id=algorithm,
-        measurements=measurements,
-        qualitative_evaluations=[_presence(bool(result.positive))],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ref)],
-    )
+        "finding_type": PNEUMONIA,
+        "finding_category": FINDING,
+        "finding_sites": _finding_sites(),
+        "algorithm_id": algorithm,
+        "measurements": [
+            hd.sr.Measurement(name=PROBABILITY, value=float(result.probability), unit=NO_UNITS),
+            hd.sr.Measurement(name=THRESHOLD, value=float(result.threshold), unit=NO_UNITS),
+        ],
+        "qualitative_evaluations": [_presence(bool(result.positive))],
+    }
+    group: hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    if result.positive:
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=hot_region(result.cam, result.cam_peak),
+            source_image=hd.sr.SourceImageForRegion.from_source_image(ref),
+        )
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+    else:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ref)], **common
+        )
+    group[0].ContentSequence.extend(_reference_items(result.model, evidence))  # TID 1500 is extensible
+    return group
 
 
 def _consensus_group(
-    ref: Dataset, results: Sequence[ModelResult], consensus: bool
+    ref: Dataset, results: Sequence[ModelResult], consensus: bool, version: str
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     algorithm = hd.sr.AlgorithmIdentification(
         name=CONSENSUS_ALGORITHM,
-        version=SOFTWARE_VERSION,
+        version=version,
         parameters=[
             "models=" + ",".join(r.model for r in results),
             "rule=majority of the model decisions; a tie counts as positive",
@@ -165,6 +197,7 @@ def _consensus_group(
             uid=tracking_uid(str(ref.SOPInstanceUID), "consensus"), identifier=CONSENSUS_TRACKING_ID
         ),
         finding_type=PNEUMONIA,
+        finding_category=FINDING,
         finding_sites=_finding_sites(),
         algorithm_id=algorithm,
         qualitative_evaluations=[_presence(bool(consensus))],
@@ -172,9 +205,9 @@ def _consensus_group(
     )
 
 
-def _observation_context() -> hd.sr.ObservationContext:
+def _observation_context(device_uid: str) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=DEVICE_UID, name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name=MODEL_NAME
+        uid=device_uid, name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name=MODEL_NAME
     )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -184,10 +217,15 @@ def _observation_context() -> hd.sr.ObservationContext:
 
 
 def _comment(results: Sequence[ModelResult], consensus: bool) -> hd.sr.TextContentItem:
-    votes = ", ".join(f"{r.model} {'positive' if r.positive else 'negative'}" for r in results)
+    votes = ", ".join(
+        f"{r.model} {'positive' if r.positive else 'negative'} (p={r.probability:.6f} "
+        f"{'>=' if r.positive else '<'} threshold {r.threshold:g})"
+        for r in results
+    )
     text = (
         f"{DISCLAIMER}. Pneumonia classification of a chest radiograph by {len(results)} model(s) "
-        f"({votes}); consensus by majority vote: {'positive' if consensus else 'negative'}."
+        f"({votes}); consensus by majority vote: {'positive' if consensus else 'negative'}. Maps are "
+        "Grad-CAM saliency relative to their maximum, not a probability per pixel."
     )
     return hd.sr.TextContentItem(
         name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
@@ -229,10 +267,10 @@ def _evidence_stand_in(root: Dataset, ref: Dataset) -> Dataset:
     """The report's root container holding only a reference to the source image.
 
     :class:`highdicom.sr.Comprehensive3DSR` deep-copies the content tree it is given and searches all of
-    it for referenced instances (the Current Requested Procedure Evidence); that was most of the time the
-    node spent per image. Every reference in this report is to the one source image, so the document is
-    made from this stand-in, which yields the same evidence, and the real content sequence is set right
-    after (``test_sr_equals_the_plain_highdicom_document`` checks the two agree element for element).
+    it for referenced instances; that was most of the time the node spent per image. Every object the
+    content references is passed as evidence anyway, so the document is made from this stand-in, which
+    yields the same evidence, and the real content sequence is set right after
+    (``test_sr_equals_the_plain_highdicom_document`` checks the two agree element for element).
     """
     stand_in = Dataset()
     for element in root:
@@ -249,133 +287,95 @@ def _evidence_stand_in(root: Dataset, ref: Dataset) -> Dataset:
     return stand_in
 
 
-def sr_content(ref: Dataset, results: list[ModelResult], consensus: bool) -> hd.sr.ContainerContentItem:
+def sr_content(
+    ref: Dataset, analysis: AnalysisResult, ctx: OutputContext, evidence: Sequence[Evidence] = ()
+) -> hd.sr.ContainerContentItem:
     """The TID 1500 content tree (root container) of the report on one image."""
-    groups = [_model_group(ref, r) for r in results] + [_consensus_group(ref, results, consensus)]
+    results = list(analysis.models.values())
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ]
+    groups = [_model_group(ref, r, ctx, evidence) for r in results]
+    groups.append(_consensus_group(ref, results, analysis.consensus, ctx.software_version))
     report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(),
+        observation_context=_observation_context(ctx.device_uid),
         procedure_reported=CHEST_XRAY,
         imaging_measurements=groups,
         referenced_images=[_library_entry(ref)],
     )
     root = report[0]
-    root.ContentSequence.append(_comment(results, consensus))  # TID 1500 is extensible
+    root.ContentSequence.append(_comment(results, analysis.consensus))  # TID 1500 is extensible
     return root
 
 
-def sr_document_arguments(source: Dataset, results: list[ModelResult], outputs: OutputsConfig) -> dict:
+def sr_document_arguments(
+    analysis: AnalysisResult, ctx: OutputContext, placement: Placement, predecessor: Dataset | None = None
+) -> dict:
     """Everything but evidence and content that :class:`highdicom.sr.Comprehensive3DSR` is given."""
-    names = ", ".join(r.model for r in results)
+    names = ", ".join(analysis.models)
+    algorithms = [
+        processing_algorithm(m.name, m.version, ctx.device_uid)
+        for m in ctx.models
+        if m.name in analysis.models
+    ]
     return {
-        "series_instance_uid": sr_series_uid(str(source.StudyInstanceUID)),
-        "series_number": outputs.sr_series_number,
-        "sop_instance_uid": sr_instance_uid(str(source.SOPInstanceUID), results),
-        "instance_number": 1,
+        "series_instance_uid": placement.series_uid,
+        "series_number": ctx.outputs.sr_series_number,
+        "sop_instance_uid": placement.sop_uid,
+        "instance_number": placement.instance_number,
         "manufacturer": MANUFACTURER,
         "is_complete": True,
         "is_final": False,  # a research output is never the definitive report
         "is_verified": False,
-        "contributing_equipment": [processing_equipment(f"pneumonia classification by {names}")],
-        "series_description": lo(outputs.sr_series_description),
+        "contributing_equipment": [
+            *algorithms,
+            processing_equipment(
+                f"pneumonia classification by {names}", ctx.device_uid, ctx.software_version
+            ),
+        ],
+        "series_description": lo(ctx.outputs.sr_series_description),
         "manufacturer_model_name": MODEL_NAME,
-        "software_versions": SOFTWARE_VERSION,
+        "software_versions": ctx.software_version,
+        "device_serial_number": ctx.device_uid,
+        "previous_versions": [predecessor] if predecessor is not None else None,
     }
+
+
+def evidence_header(ds: Dataset) -> Dataset:
+    """The attributes of an output that evidence and references need (no pixel data is copied)."""
+    header = Dataset()
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
+        setattr(header, keyword, getattr(ds, keyword))
+    return header
 
 
 def build_sr(
     source: Dataset,
-    results: list[ModelResult],
-    consensus: bool,
-    outputs: OutputsConfig,
+    analysis: AnalysisResult,
+    ctx: OutputContext,
+    placement: Placement,
+    evidence: Sequence[Evidence] = (),
+    predecessor: Dataset | None = None,
     ref: Dataset | None = None,
 ) -> Dataset:
     """One Comprehensive 3D SR with every model's finding and the consensus, in the source's study.
 
-    ``ref`` is :func:`node.outputs.common.reference_header` of ``source`` when the caller has it already.
-    Raises ValueError when ``results`` is empty or the source lacks what an SR must reference.
+    ``evidence`` are the other objects of the result (referenced from the model groups and listed as
+    evidence); ``predecessor`` the header (study, series, class and instance UIDs) of the SR this one
+    supersedes. ``ref`` is :func:`node.outputs.common.reference_header` of ``source`` when the caller has
+    it already. Raises ValueError when ``analysis`` holds no model or the source lacks what an SR must
+    reference.
     """
-    if not results:
+    if not analysis.models:
         raise ValueError("build_sr: at least one model result is needed")
     ref = reference_header(source) if ref is None else ref
-    root = sr_content(ref, results, consensus)
-    arguments = sr_document_arguments(source, results, outputs)
-    sr = hd.sr.Comprehensive3DSR(evidence=[ref], content=_evidence_stand_in(root, ref), **arguments)
+    headers = [Evidence(e.kind, e.model, evidence_header(e.dataset)) for e in evidence]
+    root = sr_content(ref, analysis, ctx, headers)
+    arguments = sr_document_arguments(analysis, ctx, placement, predecessor)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[ref, *(e.dataset for e in headers)], content=_evidence_stand_in(root, ref), **arguments
+    )
     sr.ContentSequence = root.ContentSequence
     sr._content = hd.sr.ContentSequence([root], is_root=True)  # what highdicom's own constructor keeps
     copy_patient_study(source, sr)
     return sr
-
-
-# --- reading -----------------------------------------------------------------------------------------
-
-
-def _texts(group: Dataset, code_value: str) -> list[str]:
-    """TEXT values of the group's direct children whose concept name has ``code_value``."""
-    out = []
-    for item in group.get("ContentSequence", []):
-        names = item.get("ConceptNameCodeSequence", [])
-        if item.get("ValueType") == "TEXT" and names and names[0].CodeValue == code_value:
-            out.append(str(item.TextValue))
-    return out
-
-
-def _one_value(group: hd.sr.MeasurementsAndQualitativeEvaluations, name: Code, what: str) -> float:
-    found = group.get_measurements(name=name)
-    if len(found) != 1:
-        raise SRReadError(f"{what}: expected one {name.meaning} measurement, found {len(found)}")
-    return float(found[0].value)
-
-
-def _presence_of(group: hd.sr.MeasurementsAndQualitativeEvaluations, what: str) -> bool:
-    found = group.get_qualitative_evaluations(name=PNEUMONIA)
-    if len(found) != 1:
-        raise SRReadError(f"{what}: expected one Pneumonia evaluation, found {len(found)}")
-    value = found[0].value
-    if value == PRESENT:
-        return True
-    if value == ABSENT:
-        return False
-    raise SRReadError(f"{what}: Pneumonia evaluation has an unexpected value {value.meaning!r}")
-
-
-def _model_finding(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> ModelFinding:
-    names = _texts(group[0], _ALGORITHM_NAME)
-    if len(names) != 1:
-        raise SRReadError(f"group {group.tracking_identifier!r}: expected one algorithm name")
-    params = dict(p.partition("=")[::2] for p in _texts(group[0], _ALGORITHM_PARAMETERS))
-    what = f"model {names[0]}"
-    return ModelFinding(
-        model=names[0],
-        probability=_one_value(group, PROBABILITY, what),
-        threshold=_one_value(group, THRESHOLD, what),
-        positive=_presence_of(group, what),
-        builder=params.get("builder", ""),
-        checkpoint_sha256=params.get("checkpoint_sha256", ""),
-    )
-
-
-def read_sr_findings(ds: Dataset) -> SRFindings:
-    """Parse an SR made by :func:`build_sr` back into each model's finding and the consensus.
-
-    Raises :class:`SRReadError` when ``ds`` is not such an SR.
-    """
-    try:
-        sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
-        report = hd.sr.MeasurementReport.from_sequence(sr.content)
-        groups = report.get_image_measurement_groups(finding_type=PNEUMONIA)
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, SRReadError):
-            raise
-        raise SRReadError(f"not a readable TID 1500 measurement report: {exc}") from exc
-    models: list[ModelFinding] = []
-    consensus: bool | None = None
-    for group in groups:
-        if group.tracking_identifier == CONSENSUS_TRACKING_ID:
-            consensus = _presence_of(group, "consensus")
-        elif str(group.tracking_identifier or "").startswith(MODEL_TRACKING_PREFIX):
-            models.append(_model_finding(group))
-    if consensus is None:
-        raise SRReadError("the SR holds no consensus group")
-    if not models:
-        raise SRReadError("the SR holds no model group")
-    return SRFindings(models=tuple(models), consensus=consensus)

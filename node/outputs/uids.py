@@ -1,94 +1,66 @@
-"""Deterministic UIDs of the node's outputs.
+"""Content-addressed UIDs of the node's outputs.
 
 Every UID is ``2.25.<decimal>`` (ISO/IEC 9834-8: the decimal form of a 128-bit number) where the number is
-the first 128 bits of a SHA-256 over the inputs that define the object. Analysing the same image again with
-the same checkpoint and threshold therefore gives the same SOP Instance UIDs: a PACS that gets the outputs
-twice sees one instance, not duplicates. A new checkpoint (digest) or threshold gives new UIDs, because the
-content differs.
+the first 128 bits of a SHA-256 over what defines the object: the source image, the output kind, the
+model, and the :attr:`~node.outputs.identity.OutputContext.content_key` of the configuration (models,
+checkpoints, thresholds, input sizes, windows, drawing and output settings, software version).
 
-Series: all Secondary Captures of a study share one new series, all SRs of a study another one, each UID
-derived from the study's UID (``"sc-series"`` / ``"sr-series"``): repeated runs and every image of a study
-land in the same two series, next to the source series.
+- The same image analysed with the same configuration, on this node or a fresh one, gives the same UIDs:
+  a PACS that gets the outputs twice keeps one instance, not duplicates.
+- Any change to what decides an output's content gives new UIDs: a PACS that refuses to overwrite an
+  instance (Orthanc's ``OverwriteInstances: false``) can never keep serving an old result under them.
+- An SR that supersedes an earlier one (:mod:`node.outputs.sr`, Predecessor Documents Sequence) also
+  takes that predecessor's UID into its own: its content names it.
+
+Series: per study and configuration, the node's Secondary Captures (per-model and summary) share one
+series, its heatmap Segmentations another, its SRs a third. Repeated runs and every image of a study land
+in the same series; a new configuration starts new series beside the old ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
-from typing import Protocol
 
-__all__ = [
-    "derive_uid",
-    "sc_instance_uid",
-    "sr_instance_uid",
-    "sc_series_uid",
-    "sr_series_uid",
-    "tracking_uid",
-    "DEVICE_UID",
-    "ResultKey",
-]
+__all__ = ["derive_uid", "output_uid", "series_uid", "sr_uid", "tracking_uid", "SERIES_OF_KIND"]
 
 _UID_ROOT = "2.25."
 
+# Which series each output kind goes into (one modality per series: SC is OT, Segmentation SEG, SR SR).
+SERIES_OF_KIND = {"summary": "sc", "sc": "sc", "heatmap": "heatmap", "sr": "sr"}
 
-def derive_uid(source_sop_uid: str, kind: str, model: str = "", digest: str = "") -> str:
-    """Deterministic ``2.25.<int>`` UID (at most 44 characters) of one output of ``source_sop_uid``."""
-    if not source_sop_uid:
+
+def derive_uid(source_uid: str, kind: str, model: str = "", key: str = "") -> str:
+    """Deterministic ``2.25.<int>`` UID (at most 44 characters) of one output of ``source_uid``."""
+    if not source_uid or not str(source_uid).strip():
         raise ValueError("derive_uid: the source UID is empty")
     # JSON keeps the fields apart unambiguously ("a", "bc" never hashes like "ab", "c")
-    key = json.dumps([str(source_sop_uid).strip(), kind, model, digest], ensure_ascii=True)
-    number = int.from_bytes(hashlib.sha256(key.encode("ascii")).digest()[:16], "big")
+    text = json.dumps([str(source_uid).strip(), kind, model, key], ensure_ascii=True)
+    number = int.from_bytes(hashlib.sha256(text.encode("ascii")).digest()[:16], "big")
     return f"{_UID_ROOT}{number}"
 
 
-class ResultKey(Protocol):
-    """What identifies one model's result: a ``gradcam.results.ModelResult`` or a ``node.db.Result`` row."""
-
-    @property
-    def model(self) -> str: ...
-
-    @property
-    def checkpoint_sha256(self) -> str: ...
-
-    @property
-    def threshold(self) -> float: ...
+def output_uid(source_sop_uid: str, kind: str, model: str | None, content_key: str) -> str:
+    """SOP Instance UID of the ``kind`` output (of ``model``, for per-model kinds) on one source image."""
+    if kind not in SERIES_OF_KIND:
+        raise ValueError(f"kind: expected one of {', '.join(SERIES_OF_KIND)}, got {kind!r}")
+    return derive_uid(source_sop_uid, kind, model or "", content_key)
 
 
-def _threshold_key(checkpoint_sha256: str, threshold: float) -> str:
-    # the threshold changes the decision (and the caption burned into the SC): part of the identity
-    return f"{checkpoint_sha256};threshold={float(threshold)!r}"
+def sr_uid(source_sop_uid: str, content_key: str, predecessor_uid: str | None = None) -> str:
+    """SOP Instance UID of the SR on one source image (that supersedes ``predecessor_uid``, if given)."""
+    key = content_key if not predecessor_uid else f"{content_key};predecessor={predecessor_uid}"
+    return derive_uid(source_sop_uid, "sr", "", key)
 
 
-def sc_instance_uid(source_sop_uid: str, result: ResultKey) -> str:
-    """SOP Instance UID of the Secondary Capture of ``result`` on the source image."""
-    return derive_uid(
-        source_sop_uid, "sc", result.model, _threshold_key(result.checkpoint_sha256, result.threshold)
-    )
-
-
-def sr_instance_uid(source_sop_uid: str, results: Iterable[ResultKey]) -> str:
-    """SOP Instance UID of the SR holding ``results`` (order of the models does not matter)."""
-    parts = sorted((r.model, _threshold_key(r.checkpoint_sha256, r.threshold)) for r in results)
-    models = ",".join(m for m, _ in parts)
-    digest = ",".join(d for _, d in parts)
-    return derive_uid(source_sop_uid, "sr", models, digest)
-
-
-def sc_series_uid(study_instance_uid: str) -> str:
-    """Series Instance UID shared by all Secondary Captures the node makes in a study."""
-    return derive_uid(study_instance_uid, "sc-series")
-
-
-def sr_series_uid(study_instance_uid: str) -> str:
-    """Series Instance UID shared by all SRs the node makes in a study."""
-    return derive_uid(study_instance_uid, "sr-series")
+def series_uid(study_instance_uid: str, kind: str, content_key: str) -> str:
+    """Series Instance UID of the node's ``kind`` outputs in a study, for one configuration."""
+    if kind not in SERIES_OF_KIND:
+        raise ValueError(f"kind: expected one of {', '.join(SERIES_OF_KIND)}, got {kind!r}")
+    return derive_uid(study_instance_uid, f"{SERIES_OF_KIND[kind]}-series", "", content_key)
 
 
 def tracking_uid(source_sop_uid: str, group: str) -> str:
-    """Tracking UID of one measurement group (a model, or the consensus) in the SR of a source image."""
+    """Tracking UID of one finding (a model's, or the consensus) on a source image: the same across
+    re-analyses, so that a viewer can follow the finding from one version of the report to the next."""
     return derive_uid(source_sop_uid, "tracking", group)
-
-
-# The node as an SR device observer: one fixed UID for every installation of this software.
-DEVICE_UID = derive_uid("gradcam-node", "device")

@@ -112,7 +112,19 @@ def test_good_files_are_analysed_and_bad_ones_reported(
             scale = min(512, core_config.render.max_side) / max(size)
             assert overlay is not None and overlay.shape[1] == round(size[1] * scale)
             assert overlay.shape[0] > round(size[0] * scale)  # image plus the caption band
+            if not r["positive"]:  # a negative decision's map is evidence for normal: blue, never red
+                b, g, red = (overlay[: round(size[0] * scale)][..., c].astype(int) for c in range(3))
+                assert not ((red > g + 30) & (red > b + 30)).any()
         assert doc["consensus"] == (2 * sum(votes) >= len(votes))
+        assert doc["files"] == {
+            "summary": "summary.png",
+            "overlays": {name: f"{name}.png" for name in thresholds},
+            "cams": {name: f"{name}_cam.npy" for name in thresholds},
+        }
+        summary = cv2.imread(str(folder / "summary.png"))
+        assert summary is not None and summary.shape[1] <= 1600
+        panel_width = round(size[1] * 512 / max(size))  # panels are 512 px on the long side
+        assert summary.shape[1] >= len(thresholds) * panel_width  # one panel per model
 
 
 def test_cli_results_match_the_analyzer(
@@ -145,6 +157,7 @@ def test_model_option_restricts(tiny_config_path: Path, inputs: dict[str, Path],
         "DenseNet121.png",
         "DenseNet121_cam.npy",
         "result.json",
+        "summary.png",
     ]
     unknown = run_cli(
         "--config", tiny_config_path, "analyze", inputs["png"], "--out", tmp_path, "--model", "VGG"

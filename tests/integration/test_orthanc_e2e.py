@@ -2,8 +2,13 @@
 
 - The Lua script routes exactly the chest CR/DX images (DCMTK storescp stands in for the node).
 - Full round trip: storescu -> Orthanc -> Lua -> node -> Orthanc; the study in Orthanc then holds the
-  Secondary Capture and SR series, whose content equals the node's database; the node's own outputs are
-  never routed back to it.
+  Secondary Capture, heatmap Segmentation and SR series, whose content equals the node's database; the
+  node's own outputs are never routed back to it.
+- What a viewer finds, with the committed demo checkpoints (real decisions): for a positive and a negative
+  phantom, every reference of the SR resolves to an instance of the same study, each heatmap has the
+  source's geometry, and a negative model gets no map.
+- A changed configuration: the image sent again is analysed again, the results get new UIDs and the new SR
+  supersedes the old one in Orthanc.
 - Orthanc down when results are ready: they arrive once Orthanc is back.
 """
 
@@ -41,6 +46,13 @@ pytestmark = pytest.mark.integration
 STORESCP = Path("/usr/bin/storescp")
 SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_3D_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def _expected_kinds(job: Job) -> list[str]:
+    """The output kinds of a job with the default ``[outputs]``: maps only for positive models."""
+    positives = sum(1 for r in job.results if r.positive)
+    return sorted(["summary", "sr", *["sc"] * positives, *["heatmap"] * positives])
 
 
 def _orthanc_id(orthanc: LocalOrthanc, sop_uid: str) -> str:
@@ -277,14 +289,18 @@ def test_results_come_back_into_the_study(
         }
         outputs = [i for i in instances if i["SOPInstanceUID"] != ds.SOPInstanceUID]
         assert all(i["RemoteAET"] == "GRADCAM" for i in outputs), outputs
+        assert sorted(o.kind for o in job.outputs) == _expected_kinds(job)
+        positives = sum(1 for r in job.results if r.positive)
         series = {}
         for i in outputs:
             series.setdefault(i["SeriesInstanceUID"], []).append(i)
-        assert len(series) == 2 and len({i["SeriesInstanceUID"] for i in instances}) == 3, path
+        assert len(series) == (3 if positives else 2), path
         sc = [i for i in outputs if i["SOPClassUID"] == SC_SOP_CLASS]
+        seg = [i for i in outputs if i["SOPClassUID"] == SEG_SOP_CLASS]
         sr = [i for i in outputs if i["SOPClassUID"] == SR_3D_SOP_CLASS]
-        assert len(sc) == len(MODELS) and len(sr) == 1
+        assert (len(sc), len(seg), len(sr)) == (1 + positives, positives, 1)
         assert {int(i["SeriesNumber"]) for i in sc} == {outputs_cfg.sc_series_number}
+        assert {int(i["SeriesNumber"]) for i in seg} <= {outputs_cfg.heatmap_series_number}
         assert int(sr[0]["SeriesNumber"]) == outputs_cfg.sr_series_number
         assert len({i["SeriesInstanceUID"] for i in sc}) == 1
         # patient and study attributes copied from the image
@@ -349,5 +365,182 @@ def test_results_wait_until_orthanc_is_back(
     assert {i["SOPInstanceUID"] for i in instances} == {ds.SOPInstanceUID} | {
         o.sop_instance_uid for o in jobs[0].outputs
     }
-    assert len(jobs[0].outputs) == 2  # one heatmap (one model) and the SR
+    assert sorted(o.kind for o in jobs[0].outputs) == _expected_kinds(jobs[0])
     assert jobs[0].instance.times_received == 1  # the restart did not route the image again
+
+
+# --- what a viewer finds, with the demo checkpoints ---------------------------------------------------------
+
+# Phantoms of seed 31 the committed demo checkpoints call all positive (index 0, positive) and all negative
+# (index 0, negative); the test checks the decisions it relies on.
+VIEWER_SEED = 31
+
+
+def _demo_node(base: Path, orthanc_port: int, **overrides: Any) -> RunningNode:
+    """A node on the shipped configuration (the committed demo checkpoints), results to Orthanc."""
+    from gradcam.config import DEFAULT_CONFIG
+    from node.demo import derived_node_config
+
+    port = overrides.get("node", {}).get("port") or free_port()
+    values: dict[str, Any] = {
+        "node": {
+            "port": port,
+            "storage_dir": str(base / "spool"),
+            "database_url": f"sqlite:///{base / 'node.db'}",
+            "allowed_calling_aets": ["ORTHANC"],
+            "min_free_disk_mb": 0,
+        },
+        "destinations": [
+            {"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port}
+        ],
+        "routing": {"default_destination": "orthanc"},
+        "outbox": {"backoff_initial_s": 0.2, "backoff_max_s": 1.0},
+    }
+    for table, entries in overrides.items():
+        values.setdefault(table, {}).update(entries)
+    base.mkdir(parents=True, exist_ok=True)
+    cfg = derived_node_config(DEFAULT_CONFIG, base / "node.toml", values)
+    return helpers.start_node_with(cfg, base, port, probe_ae="ORTHANC")
+
+
+def _viewer_phantom(folder: Path, positive: bool) -> tuple[Path, Any]:
+    from gradcam.phantom_dicom import phantom_dataset, write_dicom
+    from gradcam.phantoms import make_phantom
+
+    ds = phantom_dataset(make_phantom(VIEWER_SEED, 0, positive, 256), VIEWER_SEED, 0 if positive else 1)
+    path = folder / f"{'positive' if positive else 'negative'}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_dicom(ds, path)
+    return path, ds
+
+
+def _sr_references(item: Any) -> set[str]:
+    """Every SOP Instance UID the content tree and the evidence of an SR reference."""
+    out: set[str] = set()
+    for child in item.get("ContentSequence", []):
+        for ref in child.get("ReferencedSOPSequence", []):
+            out.add(str(ref.ReferencedSOPInstanceUID))
+        out |= _sr_references(child)
+    for evidence in item.get("CurrentRequestedProcedureEvidenceSequence", []):
+        for series in evidence.ReferencedSeriesSequence:
+            out |= {str(i.ReferencedSOPInstanceUID) for i in series.ReferencedSOPSequence}
+    return out
+
+
+def _check_study_as_a_viewer(orthanc: LocalOrthanc, ds: Any, job: Job) -> dict[str, Any]:
+    """What a viewer of the study finds; returns the study's output datasets by SOP Instance UID."""
+    import highdicom as hd
+
+    from node.outputs import read_sr_findings
+
+    instances = orthanc.client.study_instances(ds.StudyInstanceUID)
+    in_study = {i["SOPInstanceUID"] for i in instances}
+    assert in_study == {ds.SOPInstanceUID} | {o.sop_instance_uid for o in job.outputs}
+    objects = {
+        i["SOPInstanceUID"]: pydicom.dcmread(BytesIO(orthanc.client.instance_file(i["ID"])))
+        for i in instances
+        if i["SOPInstanceUID"] != ds.SOPInstanceUID
+    }
+    (sr,) = [o for o in objects.values() if o.SOPClassUID == SR_3D_SOP_CLASS]
+    # every reference of the SR resolves to an instance of this study in the PACS
+    refs = _sr_references(sr)
+    assert refs <= in_study, refs - in_study
+    assert refs == in_study - {sr.SOPInstanceUID}
+    findings = read_sr_findings(sr).by_model()
+    for r in job.results:
+        mine = [o for o in objects.values() if o.get("SeriesDescription") and _model_of(o) == r.model]
+        if not r.positive:
+            assert mine == [] and findings[r.model].region == (), r.model  # no map for a negative decision
+            continue
+        (seg,) = [o for o in mine if o.SOPClassUID == SEG_SOP_CLASS]
+        (sc,) = [o for o in mine if o.SOPClassUID == SC_SOP_CLASS]
+        assert (seg.Rows, seg.Columns) == (ds.Rows, ds.Columns)  # overlays the source pixel for pixel
+        reader = hd.seg.Segmentation.from_dataset(seg)
+        assert reader.get_source_image_uids()[0][2] == ds.SOPInstanceUID
+        assert set(findings[r.model].references) == {seg.SOPInstanceUID, sc.SOPInstanceUID}
+        assert len(findings[r.model].region) >= 4, r.model  # an outline on the source
+    summaries = [o for o in objects.values() if o.SOPClassUID == SC_SOP_CLASS and _model_of(o) is None]
+    assert len(summaries) == 1
+    return objects
+
+
+def _model_of(ds: Any) -> str | None:
+    """The model a per-model output belongs to (its Processing Algorithm item), None for study-wide ones."""
+    algorithms = [
+        e.ManufacturerModelName
+        for e in ds.get("ContributingEquipmentSequence", [])
+        if e.PurposeOfReferenceCodeSequence[0].CodeValue == "1630"
+    ]
+    return algorithms[0] if len(algorithms) == 1 and ds.SOPClassUID != SR_3D_SOP_CLASS else None
+
+
+def test_a_viewer_finds_the_results_of_a_positive_and_a_negative_study(
+    orthanc_factory: OrthancFactory, tmp_path: Path
+) -> None:
+    require_orthanc()
+    orthanc_port = free_port()
+    node = _demo_node(tmp_path / "node", orthanc_port)
+    try:
+        orthanc = orthanc_factory(node_port=node.port, dicom_port=orthanc_port)
+        inputs = {positive: _viewer_phantom(tmp_path / "in", positive) for positive in (True, False)}
+        storescu([p for p, _ in inputs.values()], orthanc.dicom_port, orthanc.aet)
+        sessions = node.sessions()
+        jobs = wait_for("both studies' results in Orthanc", lambda: _all_sent(sessions, 2), 300)
+        by_source = {j.instance.sop_instance_uid: j for j in jobs}
+        for positive, (_, ds) in inputs.items():
+            job = by_source[ds.SOPInstanceUID]
+            # the demo checkpoints agree with the phantom's truth on these two (else the test proves less)
+            assert job.consensus is positive and all(r.positive is positive for r in job.results), job.results
+            _check_study_as_a_viewer(orthanc, ds, job)
+            expected = 2 + (2 * len(job.results) if positive else 0)
+            assert len(job.outputs) == expected  # positive: summary, 3 SC, 3 maps, SR; negative: summary, SR
+    finally:
+        node.stop()
+
+
+def test_a_changed_configuration_replaces_the_results_in_orthanc(
+    orthanc_factory: OrthancFactory, tmp_path: Path
+) -> None:
+    """Changed input_size: the image sent again gets new results under new UIDs, and the new SR lists the
+    old one as its predecessor; Orthanc (OverwriteInstances false) then holds both versions."""
+    require_orthanc()
+    orthanc_port = free_port()
+    orthanc = None
+    path, ds = _viewer_phantom(tmp_path / "in", True)
+    first = _demo_node(tmp_path / "node", orthanc_port)
+    try:
+        orthanc = orthanc_factory(node_port=first.port, dicom_port=orthanc_port)
+        storescu([path], orthanc.dicom_port, orthanc.aet)
+        (old,) = wait_for("the first results", lambda: _all_sent(first.sessions(), 1), 300)
+    finally:
+        first.stop()
+    # the same node (same database and spool), ResNet18 at another input size, on Orthanc's node port
+    again = _demo_node(
+        tmp_path / "node", orthanc_port, node={"port": first.port}, models={"ResNet18": {"input_size": 256}}
+    )
+    try:
+        # the PACS sends the image again (a resend by the site, as after a change of configuration)
+        storescu([path], again.port, again.ae_title, "ORTHANC")
+        jobs = wait_for("the new results", lambda: _all_sent(again.sessions(), 2), 300)
+        new = max(jobs, key=lambda j: j.id)
+        assert new.instance.sop_instance_uid == ds.SOPInstanceUID and new.id != old.id
+        old_uids = {o.sop_instance_uid for o in old.outputs}
+        new_uids = {o.sop_instance_uid for o in new.outputs}
+        assert not old_uids & new_uids  # every output has a new UID: nothing stale under an old one
+        old_sr = next(o for o in old.outputs if o.kind == "sr")
+        new_sr = next(o for o in new.outputs if o.kind == "sr")
+        assert new_sr.supersedes == old_sr.sop_instance_uid
+        in_study = {i["SOPInstanceUID"] for i in orthanc.client.study_instances(ds.StudyInstanceUID)}
+        assert old_uids | new_uids | {ds.SOPInstanceUID} == in_study
+        sr = pydicom.dcmread(
+            BytesIO(orthanc.client.instance_file(_orthanc_id(orthanc, new_sr.sop_instance_uid)))
+        )
+        (pred,) = sr.PredecessorDocumentsSequence
+        assert pred.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+            old_sr.sop_instance_uid
+        )
+        new_resnet = next(r for r in new.results if r.model == "ResNet18")
+        old_resnet = next(r for r in old.results if r.model == "ResNet18")
+        assert new_resnet.probability != old_resnet.probability  # the PACS now serves the new numbers
+    finally:
+        again.stop()

@@ -23,14 +23,20 @@ from pydicom.uid import JPEG2000Lossless
 from pynetdicom import AE
 from sqlalchemy import select
 
+from gradcam.models import file_sha256
+from node.config import load_settings
 from node.db import Instance, Job, JobStatus, Output, Result, Send, SendAttempt, SendStatus
-from node.outputs import read_sr_findings, sc_instance_uid, sr_instance_uid
+from node.outputs import OutputContext, output_uid, read_sr_findings, series_uid, sr_uid
 
 pytestmark = pytest.mark.integration
 
 MODELS = ("ResNet18", "EfficientNet-B0", "DenseNet121")
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+CLASS_OF_KIND = {"summary": SC_CLASS, "sc": SC_CLASS, "heatmap": SEG_CLASS, "sr": SR_CLASS}
+# negative_maps on: every model has a map whatever its decision, so each input gets every kind
+KINDS_PER_INPUT = sorted(["summary", "sr", *["sc"] * len(MODELS), *["heatmap"] * len(MODELS)])
 RESULT_TIMEOUT_S = 240  # three CPU models on a shared 2-core machine
 
 
@@ -163,6 +169,7 @@ def pnode(work: Path, pacs: StoreScp, checkpoint_root: Path) -> Iterator[Running
         worker={"batch_size": 4, "retry_delay_s": 0.5},
         outbox={"backoff_initial_s": 0.5, "backoff_max_s": 2.0},
         render={"max_side": 256},
+        outputs={"negative_maps": True},
     )
     yield running
     code = running.stop()
@@ -230,7 +237,7 @@ def _finished(node: RunningNode, sop_uids: list[str]) -> dict[str, Job] | None:
 
 @pytest.fixture(scope="module")
 def delivered(pnode: RunningNode, pacs: StoreScp, good_inputs: dict[str, Path]) -> dict[str, list[Output]]:
-    """Send every good input in one storescu call; wait until all 4 outputs of each are at the PACS."""
+    """Send every good input in one storescu call; wait until all outputs of each are at the PACS."""
     res = storescu(pnode, list(good_inputs.values()))
     assert res.returncode == 0, res.stdout
     uids = {
@@ -259,7 +266,7 @@ def delivered(pnode: RunningNode, pacs: StoreScp, good_inputs: dict[str, Path]) 
 @pytest.mark.parametrize(
     "name", ["uncompressed", "jpeg_lossless", "jpeg_ls", "rle", "jpeg2000", "monochrome1"]
 )
-def test_each_input_gives_three_sc_and_one_sr(
+def test_each_input_gives_every_kind_of_output(
     name: str,
     pnode: RunningNode,
     pacs: StoreScp,
@@ -268,8 +275,10 @@ def test_each_input_gives_three_sc_and_one_sr(
 ) -> None:
     source = pydicom.dcmread(good_inputs[name], stop_before_pixels=True)
     outputs = delivered[name]
-    assert sorted(o.kind for o in outputs) == ["sc", "sc", "sc", "sr"]
-    assert sorted(o.model for o in outputs if o.kind == "sc") == sorted(MODELS)
+    assert sorted(o.kind for o in outputs) == KINDS_PER_INPUT
+    for kind in ("sc", "heatmap"):
+        assert sorted(o.model for o in outputs if o.kind == kind) == sorted(MODELS)
+    ctx = _context(pnode)
     received = pacs.received()
     for o in outputs:
         files = received[o.sop_instance_uid]
@@ -278,26 +287,45 @@ def test_each_input_gives_three_sc_and_one_sr(
         assert dciodvfy_errors(files[0]) == [], f"{o.kind} {o.model}: dciodvfy errors"
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         assert (ds.PatientID, str(ds.PatientName)) == (source.PatientID, str(source.PatientName))
-        assert ds.SOPClassUID == (SC_CLASS if o.kind == "sc" else SR_CLASS)
-        assert o.sop_instance_uid == _expected_uid(pnode, source.SOPInstanceUID, o)
-        if o.kind == "sc":
+        assert ds.SOPClassUID == CLASS_OF_KIND[o.kind]
+        assert o.sop_instance_uid == _expected_uid(ctx, source, o)
+        assert ds.SeriesInstanceUID == series_uid(source.StudyInstanceUID, o.kind, ctx.content_key)
+        assert int(ds.InstanceNumber) == o.instance_number
+        if o.kind in ("sc", "summary"):
             refs = [r.ReferencedSOPInstanceUID for r in ds.get("SourceImageSequence", [])]
             assert source.SOPInstanceUID in refs
             assert ds.Rows > 0 and ds.SamplesPerPixel == 3
+        elif o.kind == "heatmap":
+            assert (ds.Rows, ds.Columns) == (source.Rows, source.Columns)
         else:
-            _check_sr(pnode, files[0], ds, source)
+            _check_sr(pnode, files[0], ds, source, outputs)
 
 
-def _expected_uid(node: RunningNode, source_uid: str, o: Output) -> str:
-    """The UID derived from the source and the results (checkpoint digest, threshold), as the node must."""
-    with node.sessions()() as s:
-        results = s.scalars(select(Result).where(Result.job_id == o.job_id)).all()
+def _context(node: RunningNode) -> OutputContext:
+    """The output configuration the node runs with, computed from its configuration file."""
+    settings = load_settings(node.config_path)
+    models = [(m, file_sha256(m.checkpoint)) for m in settings.core.enabled_models]
+    return OutputContext.of(models, settings.core.render, settings.outputs, "2.25.1")
+
+
+def _expected_uid(ctx: OutputContext, source: Dataset, o: Output) -> str:
+    """The UID derived from the source and the configuration, as the node must."""
     if o.kind == "sr":
-        return sr_instance_uid(source_uid, results)
-    return sc_instance_uid(source_uid, next(r for r in results if r.model == o.model))
+        return sr_uid(source.SOPInstanceUID, ctx.content_key, o.supersedes)
+    return output_uid(source.SOPInstanceUID, o.kind, o.model, ctx.content_key)
 
 
-def _check_sr(node: RunningNode, path: Path, ds: Dataset, source: Dataset) -> None:
+def test_instance_numbers_are_unique_per_series(delivered: dict[str, list[Output]]) -> None:
+    # every input is in its own study here except where they share one: numbers never repeat in a series
+    seen: dict[str, set[int]] = {}
+    for outs in delivered.values():
+        for o in outs:
+            assert o.instance_number is not None and o.instance_number >= 1
+            assert o.instance_number not in seen.setdefault(o.series_instance_uid, set()), o
+            seen[o.series_instance_uid].add(o.instance_number)
+
+
+def _check_sr(node: RunningNode, path: Path, ds: Dataset, source: Dataset, outputs: list[Output]) -> None:
     dump = run_tool([dcmtk("dsrdump"), path])
     assert dump.returncode == 0, dump.stdout
     assert not [ln for ln in dump.stdout.splitlines() if ln.startswith("E:")], dump.stdout
@@ -311,6 +339,17 @@ def _check_sr(node: RunningNode, path: Path, ds: Dataset, source: Dataset) -> No
     from_sr = {f.model: (round(f.probability, 4), f.threshold, f.positive) for f in findings.models}
     assert from_sr == db
     assert findings.consensus == job.consensus
+    # each model's group references its map and its picture; the evidence lists every output
+    for f in findings.models:
+        mine = {o.sop_instance_uid for o in outputs if o.model == f.model}
+        assert set(f.references) == mine, f.model
+    evidence = {
+        i.ReferencedSOPInstanceUID
+        for e in ds.CurrentRequestedProcedureEvidenceSequence
+        for s in e.ReferencedSeriesSequence
+        for i in s.ReferencedSOPSequence
+    }
+    assert evidence == {o.sop_instance_uid for o in outputs if o.kind != "sr"} | {source.SOPInstanceUID}
 
 
 def test_sends_recorded_as_sent(pnode: RunningNode, delivered: dict[str, list[Output]]) -> None:
@@ -321,7 +360,7 @@ def test_sends_recorded_as_sent(pnode: RunningNode, delivered: dict[str, list[Ou
     assert len(sends) == len(job_ids)
     assert all(x.status == SendStatus.SENT and x.destination == "pacs" for x in sends)
     assert {a.outcome for a in attempts} == {"sent"}
-    assert all(a.detail.count("=0x0000") == 4 for a in attempts)
+    assert all(a.detail.count("=0x0000") == len(KINDS_PER_INPUT) for a in attempts)
 
 
 def test_no_temporary_files_left(pnode: RunningNode, delivered: dict[str, list[Output]]) -> None:
@@ -373,7 +412,8 @@ def bad_results(pnode: RunningNode, work: Path, delivered: dict[str, list[Output
     sr = helpers.write_dataset(helpers.sr_dataset(), bad / "sr.dcm")
     corrupt = _corrupt_jpeg(work)
     own_sc = Path(next(o.path for o in delivered["uncompressed"] if o.kind == "sc"))
-    res = storescu(pnode, [ct, sr, corrupt, own_sc])
+    own_seg = Path(next(o.path for o in delivered["uncompressed"] if o.kind == "heatmap"))
+    res = storescu(pnode, [ct, sr, corrupt, own_sc, own_seg])
     assert res.returncode == 0, res.stdout
 
     truncated = _with_meta(_image("truncated", 60))
@@ -388,6 +428,7 @@ def bad_results(pnode: RunningNode, work: Path, delivered: dict[str, list[Output
         "sr": pydicom.dcmread(sr).SOPInstanceUID,
         "corrupt": pydicom.dcmread(corrupt, stop_before_pixels=True).SOPInstanceUID,
         "own_sc": pydicom.dcmread(own_sc, stop_before_pixels=True).SOPInstanceUID,
+        "own_seg": pydicom.dcmread(own_seg, stop_before_pixels=True).SOPInstanceUID,
         "truncated": truncated.SOPInstanceUID,
         "huge": huge.SOPInstanceUID,
     }
@@ -403,6 +444,7 @@ def bad_results(pnode: RunningNode, work: Path, delivered: dict[str, list[Output
         ("ct", JobStatus.SKIPPED, "modality ct"),
         ("sr", JobStatus.SKIPPED, "no pixel data"),
         ("own_sc", JobStatus.SKIPPED, "own output"),
+        ("own_seg", JobStatus.SKIPPED, "own output"),
         ("corrupt", JobStatus.FAILED, "pixel data cannot be decoded"),
         ("truncated", JobStatus.FAILED, "less than expected"),
         ("huge", JobStatus.FAILED, "60000x60000"),
@@ -435,5 +477,26 @@ def test_node_still_serves_after_bad_inputs(
     assert jobs[uid].status == JobStatus.DONE, jobs[uid].reason
     with pnode.sessions()() as s:
         outs = {o.sop_instance_uid for o in s.scalars(select(Output).where(Output.job_id == jobs[uid].id))}
-    assert len(outs) == 4
+    assert len(outs) == len(KINDS_PER_INPUT)
     wait_until("its outputs at the destination", lambda: outs <= set(pacs.received()), RESULT_TIMEOUT_S)
+
+
+def test_jobs_json_lists_every_output(pnode: RunningNode, delivered: dict[str, list[Output]]) -> None:
+    import json
+    import sys
+
+    res = run_tool(
+        [sys.executable, "-m", "node.cli", "--config", pnode.config_path, "jobs", "--json", "--limit", "100"]
+    )
+    assert res.returncode == 0, res.stdout
+    listed = {o["sop_instance_uid"]: o for job in json.loads(res.stdout)["jobs"] for o in job["outputs"]}
+    for outs in delivered.values():
+        for o in outs:
+            got = listed[o.sop_instance_uid]
+            assert (got["kind"], got["model"], got["path"]) == (o.kind, o.model, o.path)
+            assert got["series_instance_uid"] == o.series_instance_uid
+            assert got["instance_number"] == o.instance_number
+    table = run_tool(
+        [sys.executable, "-m", "node.cli", "--config", pnode.config_path, "jobs", "--limit", "100"]
+    )
+    assert all(o.path in table.stdout for outs in delivered.values() for o in outs)

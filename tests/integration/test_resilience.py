@@ -30,8 +30,11 @@ from node.db import Instance, Job, JobStatus, Output, Result, Send, SendAttempt,
 pytestmark = pytest.mark.integration
 
 MODELS = ("ResNet18",)  # one small model: these tests are about the plumbing, not the analysis
+# with negative_maps on: the summary, an SC and a heatmap per model, and the SR
+OUTPUTS_PER_JOB = 2 + 2 * len(MODELS)
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 TIMEOUT_S = 240
 T = TypeVar("T")
 
@@ -48,7 +51,7 @@ class CountingScp:
 
     def start(self) -> None:
         ae = AE(ae_title=self.ae_title)
-        for sop in (SC_CLASS, SR_CLASS):
+        for sop in (SC_CLASS, SR_CLASS, SEG_CLASS):
             ae.add_supported_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         ae.add_supported_context(Verification)
         self._server = ae.start_server(
@@ -97,6 +100,7 @@ def _start(
         wait=False,
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": dest_port}],
         default_destination="pacs",
+        outputs={"negative_maps": True},  # every model has a map: a fixed number of outputs per job
         **config,
     )
     nodes.append(running)
@@ -217,7 +221,7 @@ def test_sigkill_after_ack_then_restart_delivers_once(
     node = _restart(node, nodes)
     wait_until("all results sent after the restart", lambda: _all_sent(node, len(files)), TIMEOUT_S)
     outputs = _outputs(node)
-    assert len(outputs) == len(files) * (len(MODELS) + 1)
+    assert len(outputs) == len(files) * OUTPUTS_PER_JOB
     counts = dest.snapshot()
     assert set(counts) == {o.sop_instance_uid for o in outputs}, "every output arrives"
     # Exactly once, except instances of an association the kill cut in the middle (C-STORE cannot tell
@@ -318,7 +322,7 @@ def test_sigterm_during_work_stops_cleanly(
         for j in jobs:
             n_results = len(s.scalars(select(Result).where(Result.job_id == j.id)).all())
             n_outputs = sum(1 for o in outputs if o.job_id == j.id)
-            expected = (len(MODELS), len(MODELS) + 1) if j.status == JobStatus.DONE else (0, 0)
+            expected = (len(MODELS), OUTPUTS_PER_JOB) if j.status == JobStatus.DONE else (0, 0)
             assert (n_results, n_outputs) == expected, (j.id, j.status)
     assert all(Path(o.path).is_file() for o in outputs)
     on_disk = {p.stem for p in (node.storage_dir / "outputs").rglob("*.dcm")}

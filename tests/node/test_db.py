@@ -86,15 +86,18 @@ def test_unique_sop_instance_uid(db: sessionmaker) -> None:
         _instance(s)
 
 
-def test_one_job_per_instance(db: sessionmaker) -> None:
+def test_an_instance_keeps_every_analysis(db: sessionmaker) -> None:
+    # one job per analysis: a re-analysis with another configuration is a second job, the first stays
     with db.begin() as s:
         inst = _instance(s)
         _job(s, inst)
-    with pytest.raises(IntegrityError), db.begin() as s:
-        _job(s, inst)
+    with db.begin() as s:
+        _job(s, s.merge(inst))
+    with db() as s:
+        assert [j.id for j in s.get(Instance, inst.id).jobs] == [1, 2]
 
 
-def test_unique_result_per_model_output_uid_and_send_per_destination(db: sessionmaker) -> None:
+def test_unique_result_per_model_output_uid_per_job_and_send_per_destination(db: sessionmaker) -> None:
     def result(job_id: int, model: str) -> Result:
         return Result(
             job_id=job_id, model=model, builder="resnet18", probability=0.5, threshold=0.5, positive=True,
@@ -116,6 +119,10 @@ def test_unique_result_per_model_output_uid_and_send_per_destination(db: session
     for bad in (result(job_id, "A"), output(job_id, "5.1"), send(job_id, "orthanc")):
         with pytest.raises(IntegrityError), db.begin() as s:
             s.add(bad)
+    # the same object made again by another analysis of the image (a configuration it had before)
+    with db.begin() as s:
+        other = _job(s, s.get(Job, job_id).instance).id
+        s.add(output(other, "5.1"))
 
 
 def test_foreign_keys_enforced(db: sessionmaker) -> None:

@@ -498,7 +498,8 @@ def test_worker_records_results_and_failures(factory: sessionmaker[Session], tmp
             results = s.scalars(select(Result).where(Result.job_id == job_id)).all()
             assert [(r.model, r.positive == (r.probability >= 0.5)) for r in results] == [("ResNet18", True)]
             outputs = s.scalars(select(Output).where(Output.job_id == job_id)).all()
-            assert sorted(o.kind for o in outputs) == ["sc", "sr"]
+            mapped = ["heatmap", "sc"] if results[0].positive else []  # maps for a positive decision only
+            assert sorted(o.kind for o in outputs) == sorted(["summary", "sr", *mapped])
             for o in outputs:
                 written = dcmread(o.path)
                 assert written.SOPInstanceUID == o.sop_instance_uid
@@ -727,3 +728,45 @@ def test_send_parks_the_association_thread_before_each_c_store(tmp_path: Path) -
     finally:
         scp.stop()
     assert [d.SOPInstanceUID for d in scp.received] == [ds.SOPInstanceUID]
+
+
+def test_a_destination_without_segmentation_still_gets_the_rest(
+    factory: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SCP accepts Secondary Captures only: the heatmap is skipped with its reason (not retried for
+    ever, not blocking the SC), and the log tells the administrator what to change."""
+    port = _free_port()
+    scp = _Scp(port)  # SC only
+    settings = _settings(tmp_path, port)
+    send_id = _send(factory, port=port)
+    sc = _sc_file(tmp_path / "sc.dcm")
+    _add_sc_output(factory, send_id, tmp_path / "sc.dcm", sc)
+    seg_uid = generate_uid()
+    with factory.begin() as s:
+        s.add(
+            Output(
+                job_id=s.get(Send, send_id).job_id, kind="heatmap", model="m",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4", sop_instance_uid=seg_uid,
+                series_instance_uid=generate_uid(), path=str(tmp_path / "sc.dcm"),
+            )
+        )  # fmt: skip
+    signal = JobSignal()
+    sender = Sender(settings, factory, signal)
+    try:
+        with caplog.at_level(logging.WARNING, logger="node.sender"):
+            sender.start()
+            signal.notify()
+            _wait_for(lambda: _status(factory, send_id) == SendStatus.SENT)
+        with factory() as s:
+            (attempt,) = s.scalars(select(SendAttempt).where(SendAttempt.send_id == send_id)).all()
+        assert f"{sc.SOPInstanceUID}=0x0000" in attempt.detail
+        assert f"{seg_uid}=skipped (heatmap: SOP class not accepted)" in attempt.detail
+        assert [d.SOPInstanceUID for d in scp.received] == [sc.SOPInstanceUID]
+        assert any(
+            "does not accept Segmentation Storage" in r.message and "kinds" in r.message
+            for r in caplog.records
+        )
+    finally:
+        sender.stop()
+        sender.join(10)
+        scp.stop()

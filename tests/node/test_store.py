@@ -13,20 +13,9 @@ from node.db import (
     Instance,
     Job,
     JobStatus,
-    create_schema,
-    make_engine,
-    session_factory,
 )
 from node.queue import JobSignal
 from node.store import CONN_CLOSED_REASON, AssociationLog, InstanceStore, OutOfResourcesError, Received
-
-
-@pytest.fixture
-def sessions(tmp_path: Path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
-    create_schema(engine)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def _rec(uid: str = "1.2.3", analysable: bool = True, association_id: int | None = None) -> Received:
@@ -126,3 +115,48 @@ def test_association_log(sessions) -> None:
         assert row.ended_at is not None and row.ended_at >= row.started_at
         rej = s.get(Association, r)
         assert rej.status is AssociationStatus.REJECTED and rej.ended_at is not None
+
+
+def _finish(sessions, job_id: int, content_key: str | None) -> None:
+    with sessions.begin() as s:
+        job = s.get(Job, job_id)
+        job.status, job.content_key = JobStatus.DONE, content_key
+
+
+def test_received_again_after_a_configuration_change_is_analysed_again(tmp_path: Path, sessions) -> None:
+    signal = JobSignal()
+    store = InstanceStore(tmp_path / "spool", sessions, signal, 0, content_key="new")
+    first = store.store(_rec(), b"DATA1")
+    signal.wait(0)
+    # still queued: received again while its analysis waits, nothing more to do
+    assert store.store(_rec(), b"DATA1").job_id is None and not signal.pending
+    _finish(sessions, first.job_id, "old")  # its results were made with another configuration
+    again = store.store(_rec(), b"DATA1")
+    assert again.outcome == "duplicate" and again.job_status is JobStatus.QUEUED
+    assert again.job_id not in (None, first.job_id) and signal.pending
+    signal.wait(0)
+    with sessions() as s:
+        jobs = s.get(Instance, first.instance_id).jobs
+    assert [(j.id, j.status) for j in jobs] == [
+        (first.job_id, JobStatus.DONE),
+        (again.job_id, JobStatus.QUEUED),
+    ]
+    assert "another configuration" in (jobs[1].reason or "")
+    # once done with the current configuration, receiving it again changes nothing
+    _finish(sessions, again.job_id, "new")
+    assert store.store(_rec(), b"DATA1").job_id is None and not signal.pending
+    assert _counts(sessions) == (1, 2)
+
+
+def test_received_again_is_only_counted_without_a_content_key_or_when_skipped(
+    tmp_path: Path, sessions
+) -> None:
+    counting = InstanceStore(tmp_path / "spool", sessions, JobSignal(), 0)
+    first = counting.store(_rec(), b"DATA1")
+    _finish(sessions, first.job_id, "old")
+    assert counting.store(_rec(), b"DATA1").job_id is None
+    current = InstanceStore(tmp_path / "spool", sessions, JobSignal(), 0, content_key="new")
+    skipped = current.store(_rec("1.2.4", analysable=False), b"CT")
+    assert skipped.job_status is JobStatus.SKIPPED
+    assert current.store(_rec("1.2.4", analysable=False), b"CT").job_id is None
+    assert _counts(sessions) == (2, 2)

@@ -1,0 +1,195 @@
+"""Recording an analysed job: what the database must say before its outputs are built (their Instance
+Numbers, the SR they supersede), writing them to the spool, and committing results, outputs and the send
+in one transaction. Also the node's device UID, generated once per installation.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from pydicom.dataset import Dataset
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gradcam.results import AnalysisResult
+from node.config import Destination
+from node.db import Instance, Job, JobStatus, Output, Result, Setting, utcnow
+from node.outbox import create_send
+from node.outputs import Built, Planned
+from node.spool import output_path, write_atomic
+
+__all__ = [
+    "PermanentError",
+    "device_uid",
+    "predecessor_of",
+    "instance_numbers",
+    "write_outputs",
+    "record_done",
+]
+
+_DEVICE_UID = "device_uid"
+
+
+class PermanentError(Exception):
+    """This job cannot succeed however often it is tried; the message says why."""
+
+
+def device_uid(factory: sessionmaker[Session], configured: str = "") -> str:
+    """The node's device UID: ``[node] device_uid`` if set, else the one generated at the first start of
+    this installation and kept in the database (every process of the node shares it)."""
+    if configured:
+        return configured
+    for _ in range(2):
+        with factory.begin() as s:
+            row = s.get(Setting, _DEVICE_UID)
+            if row is not None:
+                return row.value
+        try:
+            with factory.begin() as s:
+                s.add(Setting(name=_DEVICE_UID, value=f"2.25.{uuid.uuid4().int}"))
+        except IntegrityError:
+            continue  # another process made it first: read theirs
+    with factory() as s:
+        return s.get_one(Setting, _DEVICE_UID).value
+
+
+def predecessor_of(session: Session, job_id: int, content_key: str) -> Dataset | None:
+    """The header of the SR that job ``job_id``'s SR supersedes, or None.
+
+    That is the SR of the latest earlier finished analysis of the same image made with another
+    configuration: a re-analysis with an unchanged configuration names the same predecessor again, so
+    its SR keeps the same content and UID.
+    """
+    instance_id = session.scalar(select(Job.instance_id).where(Job.id == job_id))
+    row = session.execute(
+        select(Output, Instance.study_instance_uid)
+        .join(Job, Job.id == Output.job_id)
+        .join(Instance, Instance.id == Job.instance_id)
+        .where(
+            Job.instance_id == instance_id,
+            Job.id < job_id,
+            Job.status == JobStatus.DONE,
+            or_(Job.content_key.is_(None), Job.content_key != content_key),
+            Output.kind == "sr",
+        )
+        .order_by(Job.id.desc(), Output.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    output, study_uid = row
+    header = Dataset()
+    header.StudyInstanceUID = study_uid
+    header.SeriesInstanceUID = output.series_instance_uid
+    header.SOPClassUID = output.sop_class_uid
+    header.SOPInstanceUID = output.sop_instance_uid
+    return header
+
+
+def instance_numbers(session: Session, planned: Iterable[Planned]) -> dict[str, int]:
+    """An Instance Number for each planned output, unique within its series across the study's images:
+    the number an identical output (same UID) already has, else the next free one in the series."""
+    numbers: dict[str, int] = {}
+    top: dict[str, int] = {}
+    for p in planned:
+        known = session.scalar(
+            select(Output.instance_number)
+            .where(Output.sop_instance_uid == p.sop_uid, Output.instance_number.is_not(None))
+            .limit(1)
+        )
+        if known is not None:
+            numbers[p.sop_uid] = int(known)
+            continue
+        if p.series_uid not in top:
+            top[p.series_uid] = int(
+                session.scalar(
+                    select(func.max(Output.instance_number)).where(Output.series_instance_uid == p.series_uid)
+                )
+                or 0
+            )
+        top[p.series_uid] += 1
+        numbers[p.sop_uid] = top[p.series_uid]
+    return numbers
+
+
+def write_outputs(storage_dir: object, source_uid: str, built: Iterable[Built]) -> list[Output]:
+    """Write each output atomically under the spool; the Output rows, not yet added to a session."""
+    rows = []
+    for b in built:
+        ds = b.dataset
+        try:
+            path = output_path(storage_dir, source_uid, str(ds.SOPInstanceUID))  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise PermanentError(str(exc)) from exc
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        write_atomic(path, buf.getvalue())
+        rows.append(
+            Output(
+                kind=b.kind,
+                model=b.model,
+                sop_class_uid=str(ds.SOPClassUID),
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                instance_number=int(ds.InstanceNumber),
+                supersedes=b.supersedes,
+                path=str(path),
+                created_at=utcnow(),
+            )
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class Done:
+    """What :func:`record_done` needs to know about a finished analysis."""
+
+    job_id: int
+    analysis: AnalysisResult
+    content_key: str
+    outputs: list[Output]
+    destination: Destination | None
+    duration_ms: float
+
+
+def record_done(factory: sessionmaker[Session], done: Done, now: datetime | None = None) -> None:
+    """Commit a job's results, outputs and send (if it has a destination) and mark it ``done``, in one
+    transaction; PermanentError if the job is no longer this worker's."""
+    now = now or utcnow()
+    with factory.begin() as s:
+        row = s.get(Job, done.job_id)
+        if row is None or row.status != JobStatus.RUNNING:
+            raise PermanentError(f"job {done.job_id} is no longer running (state changed underneath)")
+        for r in done.analysis.models.values():
+            s.add(
+                Result(
+                    job_id=done.job_id,
+                    model=r.model,
+                    builder=r.builder,
+                    probability=float(r.probability),
+                    threshold=float(r.threshold),
+                    positive=bool(r.positive),
+                    cam_peak_row=int(r.cam_peak[0]),
+                    cam_peak_col=int(r.cam_peak[1]),
+                    checkpoint_sha256=r.checkpoint_sha256,
+                    ms=float(r.ms),
+                    created_at=now,
+                )
+            )
+        for o in done.outputs:
+            o.job_id = done.job_id
+            s.add(o)
+        if done.destination is not None:
+            create_send(s, done.job_id, done.destination, now)
+        row.status = JobStatus.DONE
+        row.reason = None if done.destination is not None else "no destination configured"
+        row.consensus = bool(done.analysis.consensus)
+        row.content_key = done.content_key
+        row.finished_at = now
+        row.next_attempt_at = None
+        row.duration_ms = done.duration_ms
