@@ -37,11 +37,12 @@ USER gradcam
 
 ENV GRADCAM_NODE_CONFIG=/app/config/docker.toml
 VOLUME ["/app/var"]
-EXPOSE 11112
+EXPOSE 11112 8080
 
-# C-ECHO to the node itself as AE HEALTHCHECK (listed in docker.toml's allowed_calling_aets).
+# The node's /healthz ([http] in docker.toml): 200 when receiver, worker, sender and database are up; a 503
+# or no answer makes urlopen raise, and python exit 1.
 HEALTHCHECK --interval=30s --timeout=15s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import sys; from pynetdicom import AE; ae = AE(ae_title='HEALTHCHECK'); ae.add_requested_context('1.2.840.10008.1.1'); a = ae.associate('127.0.0.1', 11112, ae_title='GRADCAM'); s = a.send_c_echo() if a.is_established else None; a.is_established and a.release(); sys.exit(0 if s and s.Status == 0 else 1)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=10)"]
 
 # SIGTERM (docker stop) ends the node cleanly: the association in progress finishes, queued work stays in
 # the database and resumes at the next start.

@@ -243,6 +243,11 @@ def write_config(
         "backoff_initial_s = 0.5",
         "backoff_max_s = 2.0",
         f"associations = {base.outbox.associations}",
+        "[outputs]",
+        f"kinds = {json.dumps(list(base.outputs.kinds))}",
+        f"negative_maps = {'true' if base.outputs.negative_maps else 'false'}",
+        "[http]",
+        "enabled = false",  # the status page waits for requests only; no one asks during the bench
         "[preprocess]",
         f"max_pixels = {base.core.preprocess.max_pixels}",
         "[render]",

@@ -15,29 +15,47 @@ Per input image, into its own folder:
 ``summary.png``
     All models side by side (:func:`gradcam.render.render_summary`) as a radiologist would see them: maps
     for positive decisions only.
+
+A path may be a folder: the images under it are analysed, recursively in name order. There, files that
+look like neither DICOM (a .dcm/.dicom/.ima name or the DICM preamble) nor PNG/JPEG (by name) are passed
+over quietly, as are hidden ones; a file named on the command line is always tried.
+
+The rules of :mod:`gradcam.eligibility` apply as in the node: a file that breaks one gets one line on
+stderr, ``SKIP path: reason``, and no results. ``force`` overrides them (SOP class, modality, body part,
+view, colour, frames, size), never what makes the image unusable: pixels that cannot be decoded, pixel
+data no radiograph has (Float Pixel Data, Bits Allocated other than 8/16), or a blank image.
+Exit code 0 when every file was analysed or skipped by a rule, 1 when any could not be loaded or a folder
+named holds no image at all.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import cv2
 import numpy as np
 
 from gradcam.analysis import Analyzer
 from gradcam.config import CoreConfig
-from gradcam.errors import InputError
-from gradcam.preprocess import SourceImage, load_image
+from gradcam.eligibility import ACCEPTED, check_dataset, check_size
+from gradcam.errors import InputError, NotAnImageError
+from gradcam.preprocess import SourceImage, load_dataset_image, load_image, raster_size, read_dicom
 from gradcam.render import render_overlay, render_summary
 from gradcam.results import DISCLAIMER, AnalysisResult
 
-__all__ = ["analyze_paths", "write_result"]
+__all__ = ["analyze_paths", "find_inputs", "write_result"]
 
 log = logging.getLogger(__name__)
+
+_IMAGE_SUFFIXES = {".dcm", ".dicom", ".ima", ".png", ".jpg", ".jpeg"}
+_PREFIX = "gradcam-node analyze"
 
 
 def _safe(name: str) -> str:
@@ -75,27 +93,133 @@ def write_result(
     return path
 
 
-def analyze_paths(
-    cfg: CoreConfig, paths: Sequence[Path], out: Path, model_names: Sequence[str] | None = None
-) -> int:
-    """Analyse each file; a bad one gets one line on stderr and the rest go on. Exit code 1 if any failed."""
-    analyzer = Analyzer(cfg, model_names)
-    failed = 0
-    used: set[str] = set()
+def _looks_like_image(path: Path) -> bool:
+    """By name (DICOM, PNG, JPEG) or by the DICOM preamble."""
+    if path.suffix.lower() in _IMAGE_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    for root, dirs, files in os.walk(folder):  # symbolic links to folders are not followed: no cycles
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(root) / name
+            if not name.startswith(".") and _looks_like_image(path):
+                yield path
+
+
+def find_inputs(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """``(files to analyse, folders without any image)``: each path that is no folder as it is, and the
+    images under each folder."""
+    found: list[Path] = []
+    empty: list[Path] = []
     for path in paths:
+        if not path.is_dir():
+            found.append(path)
+            continue
+        images = list(_walk(path))
+        found.extend(images)
+        if not images:
+            empty.append(path)
+    return found, empty
+
+
+def _open(cfg: CoreConfig, path: Path, force: bool) -> SourceImage | str:
+    """The display-ready image, or the eligibility rule it breaks (unless ``force``); InputError if it
+    cannot be loaded."""
+    pre = cfg.preprocess
+    min_side = 1 if force else pre.min_side
+    if not path.is_file():
+        raise NotAnImageError(f"{path}: no such file")
+    ds = read_dicom(path)
+    if ds is not None:
+        verdict = ACCEPTED if force else check_dataset(ds, pre.min_side)
+        if not verdict.ok:
+            return str(verdict.reason)
+        return load_dataset_image(ds, pre.max_pixels, str(path), min_side=min_side)
+    verdict = ACCEPTED if force else check_size(*raster_size(path), pre.min_side)
+    if not verdict.ok:
+        return str(verdict.reason)
+    return load_image(path, pre.max_pixels, min_side=min_side)
+
+
+class _Progress:
+    """``gradcam-node analyze: 3/10 name`` on one line of a terminal, rewritten in place; nothing when the
+    stream is not a terminal (a pipe or a file gets the result lines only)."""
+
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.active = self.stream.isatty()
+        self.width = max(shutil.get_terminal_size().columns - 1, 20)
+        self.shown = False
+
+    def show(self, number: int, path: Path) -> None:
+        if self.active:
+            text = f"{_PREFIX}: {number}/{self.total} {path.name}"[: self.width]
+            self.stream.write("\r" + text.ljust(self.width))
+            self.stream.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        """Before any other line, and at the end."""
+        if self.shown:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.shown = False
+
+
+def _folder_name(path: Path, used: set[str]) -> str:
+    """The file's stem, made unique in this run (``chest``, ``chest_2``...)."""
+    base = _safe(path.stem) or "image"
+    name, n = base, 1
+    while name in used:
+        n += 1
+        name = f"{base}_{n}"
+    used.add(name)
+    return name
+
+
+def analyze_paths(
+    cfg: CoreConfig,
+    paths: Sequence[Path],
+    out: Path,
+    model_names: Sequence[str] | None = None,
+    force: bool = False,
+) -> int:
+    """Analyse each file (and the images under each folder); one line on stderr for each file skipped by a
+    rule or that cannot be loaded, and the rest go on. Exit code 1 if any could not be loaded (or a folder
+    held no image)."""
+    analyzer = Analyzer(cfg, model_names)
+    files, empty = find_inputs(paths)
+    for folder in empty:  # most likely a wrong path: say so, and fail
+        print(f"{_PREFIX}: {folder}: no DICOM, PNG or JPEG file in this folder", file=sys.stderr)
+    progress = _Progress(len(files))
+    failed = len(empty)
+    used: set[str] = set()
+    for number, path in enumerate(files, start=1):
+        progress.show(number, path)
         try:
-            image = load_image(path, cfg.preprocess.max_pixels)
+            image = _open(cfg, path, force)
         except InputError as exc:
-            print(f"gradcam-node analyze: {exc}", file=sys.stderr)
+            progress.clear()
+            print(f"{_PREFIX}: {exc}", file=sys.stderr)
             failed += 1
             continue
+        if isinstance(image, str):
+            progress.clear()
+            print(f"{_PREFIX}: SKIP {path}: {image} (use --force to analyse anyway)", file=sys.stderr)
+            continue
         (result,) = analyzer.analyze([image])
-        stem = _safe(path.stem) or "image"
-        while stem in used:
-            stem += "_"
-        used.add(stem)
-        written = write_result(cfg, path, image, result, out / stem)
+        written = write_result(cfg, path, image, result, out / _folder_name(path, used))
         verdict = "POSITIVE" if result.consensus else "negative"
         probs = ", ".join(f"{n} {r.probability:.3f}" for n, r in result.models.items())
-        print(f"{path}: consensus {verdict} ({probs}) -> {written.parent}")
+        progress.clear()
+        print(f"{path}: consensus {verdict} ({probs}) -> {written.parent}", flush=True)
+    progress.clear()
     return 1 if failed else 0

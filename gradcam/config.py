@@ -59,9 +59,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """``[preprocess]``: limits applied before any decoding."""
+    """``[preprocess]``: limits applied before any decoding.
+
+    ``min_side``: fewest rows and columns of an image the models analyse (:mod:`gradcam.eligibility`).
+    """
 
     max_pixels: int = 60_000_000
+    min_side: int = 64
 
 
 @dataclass(frozen=True)
@@ -230,7 +234,10 @@ def parse_core(path: Path, data: Mapping[str, Any]) -> CoreConfig:
         raise ConfigError(str(path), "models", "at least one model must be enabled")
 
     pre = root.table_of("preprocess", {})
-    preprocess = PreprocessConfig(max_pixels=pre.int("max_pixels", 60_000_000, lo=1))
+    preprocess = PreprocessConfig(
+        max_pixels=pre.int("max_pixels", 60_000_000, lo=1),
+        min_side=pre.int("min_side", 64, lo=1, hi=65535),
+    )
     pre.finish()
 
     ren = root.table_of("render", {})

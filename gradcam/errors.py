@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "CheckpointError",
     "CheckpointMissingError",
+    "NotACheckpointError",
     "UnsafeCheckpointError",
     "CheckpointMismatchError",
     "InputError",
@@ -37,6 +38,10 @@ class ConfigError(GradcamError):
         where = ": ".join(part for part in (file, key) if part)
         super().__init__(f"{where}: {expected}")
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str, str]]:
+        # so that it crosses a process boundary (the node's model process reports it to the parent)
+        return (type(self), (self.file, self.key, self.expected))
+
 
 class CheckpointError(GradcamError):
     """A checkpoint cannot be used."""
@@ -44,6 +49,10 @@ class CheckpointError(GradcamError):
 
 class CheckpointMissingError(CheckpointError):
     """The checkpoint file does not exist."""
+
+
+class NotACheckpointError(CheckpointError):
+    """The file is not a PyTorch checkpoint at all (neither torch.save's zip format nor a pickle)."""
 
 
 class UnsafeCheckpointError(CheckpointError):

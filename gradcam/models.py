@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from gradcam.errors import (
     CheckpointMismatchError,
     CheckpointMissingError,
     ConfigError,
+    NotACheckpointError,
     UnsafeCheckpointError,
 )
 
@@ -95,26 +98,55 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+_PICKLE_PROTO = b"\x80"  # the legacy format: a pickle (protocol 2 and later start with PROTO)
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def read_checkpoint(
+    path: Path, model: str = "NAME", source: str = "the model's `checkpoint` key"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint safely: ``(state_dict as fp32, meta)``.
 
     Accepts a bare state dict, ``{"model_state_dict": ...}`` or ``{"state_dict": ...}``, keys prefixed
-    ``module.`` (DataParallel), fp16 or fp32 tensors. Always ``weights_only=True``.
+    ``module.`` (DataParallel), fp16 or fp32 tensors. Always ``weights_only=True``. ``model`` and ``source``
+    only word the error messages (the model to train, where the path came from).
     """
     if not path.is_file():
         raise CheckpointMissingError(
-            f"checkpoint {path} not found: train one with `gradcam-node train --model NAME --out {path}` "
-            "or point the model's `checkpoint` key at an existing file"
+            f"checkpoint {path} not found: train one with `gradcam-node train --model {model} --out {path}` "
+            f"or point {source} at an existing file"
+        )
+    with open(path, "rb") as fh:
+        head = fh.read(len(_ZIP_MAGIC))
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)):
+        what = "an empty file" if not head else f"neither torch.save's zip format nor a pickle: {head!r}..."
+        raise NotACheckpointError(
+            f"{path} is not a PyTorch checkpoint file ({what}): point {source} at a checkpoint saved by "
+            "`gradcam-node train` or torch.save(model.state_dict(), path)"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a pickle of protocol 3+ that is not torch's: the failure below says it, not this warning
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        needed = _UNSUPPORTED_GLOBAL.search(str(exc))
+        if needed is None:  # a pickle, but not one torch.save wrote (or a damaged one)
+            raise NotACheckpointError(
+                f"{path} is not a PyTorch checkpoint file (a pickle torch cannot read: "
+                f"{_last_line(exc)}): point {source} at a checkpoint saved by `gradcam-node train` or "
+                "torch.save(model.state_dict(), path)"
+            ) from None
         raise UnsafeCheckpointError(
-            f"checkpoint {path} needs arbitrary unpickling, which is refused (weights_only=True): "
-            f"{str(exc).splitlines()[0]}. Re-save it as a plain state dict."
+            f"checkpoint {path} needs arbitrary unpickling (it holds {needed.group(1)}), which is refused "
+            "(weights_only=True): re-save it as a plain state dict, torch.save(model.state_dict(), path)"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file: {exc}") from None
+    except Exception as exc:  # a damaged file fails in many ways (zip, storage, EOF, key errors)
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable PyTorch file ({type(exc).__name__}: {_first_line(exc)}): "
+            "copy it again or re-save it"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a state dict")
     meta: dict[str, Any] = {}
@@ -131,6 +163,18 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         k = k[len("module.") :] if k.startswith("module.") else k
         tensors[k] = v.float() if v.is_floating_point() else v
     return tensors, meta
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence: torch adds paragraphs of advice that do not fit in one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0].split(". ")[0].rstrip(".") if lines else "no details"
+
+
+def _last_line(exc: BaseException) -> str:
+    """torch's weights-only unpickler puts the reason on the last of many lines (after a link)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and "://" not in line]
+    return lines[-1] if lines else "no details"
 
 
 def check_keys(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -158,8 +202,17 @@ def check_keys(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> 
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Build the architecture, load its checkpoint, switch to eval mode and freeze the parameters."""
     model = build_model(cfg)
-    state, meta = read_checkpoint(cfg.checkpoint)
-    check_keys(cfg.checkpoint, model, state)
+    table = f"[models.{cfg.name}]" + (f" in {cfg.config_file}" if cfg.config_file else "")
+    try:
+        state, meta = read_checkpoint(cfg.checkpoint, cfg.name, f"`checkpoint` of {table}")
+        check_keys(cfg.checkpoint, model, state)
+    except CheckpointMismatchError as exc:
+        raise CheckpointMismatchError(
+            f"model {cfg.name}: {exc}: point `checkpoint` of {table} at a {cfg.builder} checkpoint "
+            "or set `builder` to the checkpoint's architecture"
+        ) from None
+    except CheckpointError as exc:  # every message already says what to do; add which model
+        raise type(exc)(f"model {cfg.name}: {exc}") from None
     model.load_state_dict(state, strict=True)
     model.eval()
     for p in model.parameters():

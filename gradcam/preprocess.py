@@ -4,6 +4,11 @@ DICOM: modality LUT (rescale), then the VOI LUT or window from the header (else 
 from the 0.5th and 99.5th percentiles), MONOCHROME1 inverted, so that bright means dense as on a light box.
 Radiographs have no Hounsfield units: the seed's fixed CT window is only applied for models configured
 with ``window``, on the modality values.
+
+Refused on the way (:mod:`gradcam.eligibility` words the reasons, all :class:`~gradcam.errors.InputError`):
+pixel encodings no radiograph has (Float Pixel Data, Bits Allocated other than 8 or 16) and images smaller
+than ``min_side`` before decoding; a blank image after the display pipeline (a header window that shows
+nothing falls back to the automatic window first).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 
 from gradcam.config import ModelConfig, Window
+from gradcam.eligibility import DEFAULT_MIN_SIDE, Verdict, check_displayed, check_pixel_encoding, check_size
 from gradcam.errors import (
     CorruptPixelDataError,
     ImageTooLargeError,
@@ -34,6 +40,8 @@ __all__ = [
     "SourceImage",
     "load_image",
     "load_dataset_image",
+    "read_dicom",
+    "raster_size",
     "to_model_input",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -134,9 +142,15 @@ def _grey(arr: np.ndarray) -> np.ndarray:
     raise UnsupportedImageError(f"unsupported pixel layout {arr.shape}")
 
 
-def _check_size(rows: int, cols: int, max_pixels: int, source: str) -> None:
+def _refuse_unless(verdict: Verdict, source: str) -> None:
+    if not verdict.ok:
+        raise UnsupportedImageError(f"{source}: {verdict.reason}")
+
+
+def _check_size(rows: int, cols: int, max_pixels: int, min_side: int, source: str) -> None:
     if rows <= 0 or cols <= 0:
         raise UnsupportedImageError(f"{source}: image has no pixels ({rows}x{cols})")
+    _refuse_unless(check_size(rows, cols, min_side), source)
     if rows * cols > max_pixels:
         raise ImageTooLargeError(
             f"{source}: {cols}x{rows} = {rows * cols} pixels exceeds the limit of {max_pixels} "
@@ -144,17 +158,31 @@ def _check_size(rows: int, cols: int, max_pixels: int, source: str) -> None:
         )
 
 
-def load_dataset_image(ds: pydicom.Dataset, max_pixels: int, source: str = "") -> SourceImage:
+def load_dataset_image(
+    ds: pydicom.Dataset, max_pixels: int, source: str = "", *, min_side: int = DEFAULT_MIN_SIDE
+) -> SourceImage:
     """Decode the first frame of a DICOM image and make it display-ready.
+
+    Parameters
+    ----------
+    ds
+        The dataset, with its file meta information (for the transfer syntax).
+    max_pixels, min_side
+        Refuse more pixels than ``max_pixels`` and fewer rows or columns than ``min_side`` (``[preprocess]``).
+    source
+        Names the image in error messages (default: its SOP Instance UID).
 
     Raises
     ------
     NoPixelDataError, UnsupportedTransferSyntaxError, ImageTooLargeError, CorruptPixelDataError,
     UnsupportedImageError
+        The last one also for Float Pixel Data, Bits Allocated other than 8/16, too few rows or columns
+        and a blank image.
     """
     source = source or str(getattr(ds, "SOPInstanceUID", "dataset"))
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise NoPixelDataError(f"{source}: no pixel data (SOP class {getattr(ds, 'SOPClassUID', '?')})")
+    _refuse_unless(check_pixel_encoding(ds), source)
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if tsyntax is None:
         raise UnsupportedTransferSyntaxError(f"{source}: no transfer syntax in the file meta information")
@@ -170,7 +198,7 @@ def load_dataset_image(ds: pydicom.Dataset, max_pixels: int, source: str = "") -
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError):
         raise UnsupportedImageError(f"{source}: Rows/Columns missing or invalid") from None
-    _check_size(rows, cols, max_pixels, source)
+    _check_size(rows, cols, max_pixels, min_side, source)
     photometric = str(getattr(ds, "PhotometricInterpretation", "")).strip().upper()
     try:
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
@@ -179,7 +207,9 @@ def load_dataset_image(ds: pydicom.Dataset, max_pixels: int, source: str = "") -
         raise CorruptPixelDataError(f"{source}: pixel data cannot be decoded: {exc}") from None
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and photometric not in ("MONOCHROME1", "MONOCHROME2"):
         # pydicom already converted YBR to RGB; colour images have no modality/VOI LUT.
-        return SourceImage(pixels=_auto_window(_grey(arr)), source=source)
+        pixels = _auto_window(_grey(arr))
+        _refuse_unless(check_displayed(pixels), source)
+        return SourceImage(pixels=pixels, source=source)
     if arr.ndim != 2:
         raise UnsupportedImageError(f"{source}: unsupported pixel array shape {arr.shape}")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -189,15 +219,29 @@ def load_dataset_image(ds: pydicom.Dataset, max_pixels: int, source: str = "") -
         pixels = _header_voi(modality, ds)
     except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise UnsupportedImageError(f"{source}: invalid modality/VOI LUT attributes: {exc}") from None
-    if pixels is None or float(pixels.max()) <= float(pixels.min()):
+    hint = _blank_hint(ds)
+    shown = None if pixels is None else check_displayed(pixels, hint)
+    if shown is None or not shown.ok:  # no header window, or one that shows nothing: find one that does
         pixels = _auto_window(modality)
+        shown = check_displayed(pixels, hint)
+    _refuse_unless(shown, source)
     inverted = photometric == "MONOCHROME1"
     if inverted:
         pixels = 1.0 - pixels
     return SourceImage(pixels=pixels, modality_values=modality, source=source, inverted=inverted)
 
 
-def _read_dicom(path: Path) -> pydicom.Dataset | None:
+def _blank_hint(ds: pydicom.Dataset) -> str:
+    """A likely cause of a blank image, for the administrator."""
+    slope = ds.get("RescaleSlope", None)
+    try:
+        return "(Rescale Slope 0?)" if slope not in (None, "") and _first(slope) == 0 else ""
+    except (TypeError, ValueError):
+        return ""
+
+
+def read_dicom(path: Path) -> pydicom.Dataset | None:
+    """The dataset in ``path`` if it is DICOM, else None (CorruptPixelDataError if a .dcm is unreadable)."""
     forced = path.suffix.lower() in _DICOM_SUFFIXES and path.suffix != ""
     try:
         ds = pydicom.dcmread(path, force=forced)
@@ -214,13 +258,19 @@ def _read_dicom(path: Path) -> pydicom.Dataset | None:
         return None
 
 
-def _load_raster(path: Path, max_pixels: int) -> SourceImage:
+def raster_size(path: Path) -> tuple[int, int]:
+    """``(rows, columns)`` of a PNG/JPEG file from its header; NotAnImageError if it is none."""
     try:
         with Image.open(path) as im:
             cols, rows = im.size
     except Exception:  # PIL raises many types for non-images; all mean the same here
         raise NotAnImageError(f"{path}: not DICOM, PNG or JPEG") from None
-    _check_size(rows, cols, max_pixels, str(path))
+    return int(rows), int(cols)
+
+
+def _load_raster(path: Path, max_pixels: int, min_side: int) -> SourceImage:
+    rows, cols = raster_size(path)
+    _check_size(rows, cols, max_pixels, min_side, str(path))
     buf = np.fromfile(path, dtype=np.uint8)
     arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if arr is None:
@@ -229,18 +279,21 @@ def _load_raster(path: Path, max_pixels: int) -> SourceImage:
         arr = cv2.cvtColor(arr[..., :3], cv2.COLOR_BGR2RGB)
     grey = _grey(arr).astype(np.float32)
     top = 65535.0 if arr.dtype == np.uint16 else 255.0
-    return SourceImage(pixels=np.clip(grey / top, 0.0, 1.0).astype(np.float32), source=str(path))
+    pixels = np.clip(grey / top, 0.0, 1.0).astype(np.float32)
+    _refuse_unless(check_displayed(pixels), str(path))
+    return SourceImage(pixels=pixels, source=str(path))
 
 
-def load_image(path: Path, max_pixels: int) -> SourceImage:
-    """Load a DICOM, PNG or JPEG file (8 or 16 bit; grey, RGB or RGBA)."""
+def load_image(path: Path, max_pixels: int, *, min_side: int = DEFAULT_MIN_SIDE) -> SourceImage:
+    """Load a DICOM, PNG or JPEG file (8 or 16 bit; grey, RGB or RGBA); limits as in
+    :func:`load_dataset_image`."""
     path = Path(path)
     if not path.is_file():
         raise NotAnImageError(f"{path}: no such file")
-    ds = _read_dicom(path)
+    ds = read_dicom(path)
     if ds is not None:
-        return load_dataset_image(ds, max_pixels, str(path))
-    return _load_raster(path, max_pixels)
+        return load_dataset_image(ds, max_pixels, str(path), min_side=min_side)
+    return _load_raster(path, max_pixels, min_side)
 
 
 def _window(values: np.ndarray, window: Window, inverted: bool) -> np.ndarray:

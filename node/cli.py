@@ -1,20 +1,27 @@
 """``gradcam-node``: the command line of the node and of the imaging core.
 
-Every subcommand explains itself with ``--help``. Errors go to stderr as one readable line; ``--debug``
-adds the traceback.
+Every subcommand explains itself with ``--help``. ``--config`` and ``--debug`` go before or after the
+subcommand. Errors go to stderr as one readable line, ``gradcam-node: error: ...``; ``--debug`` adds the
+traceback. Exit codes: 0 done, 1 failed (a failed start, echo or analysis; the line says why), 2 usage error
+(as argparse), 130 interrupted, 141 (128 + SIGPIPE, as ``cat`` under ``set -o pipefail``) when the reader of
+the output went away (``gradcam-node jobs | head``): quietly, without a message.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gradcam.errors import GradcamError
+from node.ops.logs import setup_logging
 
 __all__ = ["main", "build_parser"]
+
+_EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool killed by a closed pipe
 
 DESCRIPTION = """\
 DICOM node for pneumonia classification of chest X-rays (CR/DX) with three CNNs and Grad-CAM.
@@ -28,19 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gradcam-node", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", metavar="FILE", help="configuration file (TOML)")
-    p.add_argument("--debug", action="store_true", help="verbose logging and tracebacks on errors")
+    _add_common(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     a = sub.add_parser(
         "analyze",
-        help="analyse DICOM/PNG/JPEG files on disk",
+        help="analyse DICOM/PNG/JPEG files or folders on disk",
         description="Run every enabled model (or those named with --model) with Grad-CAM on "
-        "each file and write DIR/<stem>/result.json, <model>.png overlays and <model>_cam.npy "
-        "maps. A bad file gets one line on stderr; the others are still done; exit code 1 if "
-        "any failed.",
+        "each file (and the images under each folder, recursively) and write DIR/<stem>/result.json, "
+        "<model>.png overlays and <model>_cam.npy maps. Only what the node would analyse: a file "
+        "that is no frontal chest CR/DX radiograph (or, for PNG/JPEG, is smaller than [preprocess] "
+        "min_side) gets one SKIP line with the reason. A file that cannot be loaded (or is blank) "
+        "gets one line on stderr; the others are still done; exit code 1 if any could not be loaded.",
     )
-    a.add_argument("paths", nargs="+", metavar="PATH", help="input files (DICOM, PNG, JPEG)")
+    a.add_argument(
+        "paths", nargs="+", metavar="PATH", help="input files (DICOM, PNG, JPEG) or folders of them"
+    )
+    a.add_argument(
+        "--force",
+        action="store_true",
+        help="analyse files the rules would skip (other SOP classes, modalities, views, small images)",
+    )
     a.add_argument("--out", required=True, metavar="DIR", help="output folder")
     a.add_argument(
         "--model", action="append", metavar="NAME", help="model to run (repeatable; default: all enabled)"
@@ -156,7 +171,113 @@ def build_parser() -> argparse.ArgumentParser:
         "arrive back in Orthanc, and print where to look. Ctrl-C stops both.",
     )
     d.add_argument("--exit", action="store_true", help="stop Orthanc and the node after the summary")
+    _add_operator_commands(sub)
+    for command in sub.choices.values():
+        # also after the subcommand (`gradcam-node serve --config FILE`); SUPPRESS: not given there, the
+        # value given before the subcommand stays
+        _add_common(command, on_subcommand=True)
     return p
+
+
+def _add_common(parser: argparse.ArgumentParser, on_subcommand: bool = False) -> None:
+    """``--config`` and ``--debug``, on the main parser and again on every subcommand."""
+    config_default, debug_default = (argparse.SUPPRESS,) * 2 if on_subcommand else (None, False)
+    parser.add_argument("--config", metavar="FILE", default=config_default, help="configuration file (TOML)")
+    parser.add_argument(
+        "--debug", action="store_true", default=debug_default, help="verbose logging and tracebacks on errors"
+    )
+
+
+def _job_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a job id (a number, from `gradcam-node jobs`), got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a job id (1 or more), got {text!r}")
+    return value
+
+
+def _since(text: str) -> Any:
+    from node.ops.commands import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of days above 0, got {text!r}")
+    return value
+
+
+def _add_operator_commands(sub: Any) -> None:
+    """``resend``, ``reprocess`` and ``purge`` (:mod:`node.ops`): each recorded in the database's
+    ``operations`` table and the log, with the OS user that ran it."""
+    r = sub.add_parser(
+        "resend",
+        help="send the outputs of jobs again (JOB... or --failed)",
+        description="Queue new sends of existing outputs: each job's send to its reply destination (as "
+        "configured now) goes back to pending with its attempts from 0, or is made if the job has none; "
+        "with --failed, every failed send is reset instead. The running node sends them within seconds. "
+        "A job without outputs, or whose files were purged, is refused. One line per job; exit code 1 if "
+        "any was refused.",
+    )
+    r.add_argument("jobs", nargs="*", type=_job_id, metavar="JOB", help="job ids (gradcam-node jobs)")
+    r.add_argument("--failed", action="store_true", help="every job with a failed send")
+    r.set_defaults(usage_error=r.error)
+
+    rp = sub.add_parser(
+        "reprocess",
+        help="analyse the instances of jobs again (JOB... or --since DATE)",
+        description="Queue a new analysis of each job's instance with the configuration the node runs "
+        "now; where the results change they get new UIDs and the new SR supersedes the old one. Refused: "
+        "an instance with a job already queued or running, one that was not analysable, one whose spool "
+        "file was purged. One line per instance; exit code 1 if any was refused.",
+    )
+    rp.add_argument("jobs", nargs="*", type=_job_id, metavar="JOB", help="job ids (gradcam-node jobs)")
+    rp.add_argument(
+        "--since",
+        type=_since,
+        metavar="DATE",
+        help="every analysable instance received since DATE (ISO: 2024-06-01 or 2024-06-01T08:30; UTC "
+        "unless it names its zone)",
+    )
+    rp.set_defaults(usage_error=rp.error)
+
+    pg = sub.add_parser(
+        "purge",
+        help="delete spool files of finished jobs and sent outputs older than N days",
+        description="Delete received instances whose jobs are all finished, and outputs whose sends are "
+        "all finished, older than DAYS (without --older-than: [retention] received_days and "
+        "outputs_days). Never a file whose job is queued or running or whose send is pending. The "
+        "database rows stay, marked purged.",
+    )
+    pg.add_argument("--older-than", type=_days, metavar="DAYS", help="age in days (fractions allowed)")
+    pg.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+
+
+def _operator_arguments(args: argparse.Namespace) -> str:
+    """What an operator command was asked, as recorded with it; exits with a usage error if it is neither
+    job ids nor the other selection."""
+    other = {"resend": "failed", "reprocess": "since"}.get(args.command)
+    if other is not None and bool(args.jobs) == bool(getattr(args, other)):
+        flag = "--" + other
+        args.usage_error(f"give job ids or {flag}, not both" if args.jobs else f"give job ids or {flag}")
+    if args.command == "resend":
+        return "--failed" if args.failed else " ".join(map(str, args.jobs))
+    if args.command == "reprocess":
+        return f"--since {args.since.isoformat()}" if args.since else " ".join(map(str, args.jobs))
+    words = [f"--older-than {args.older_than:g}"] if args.older_than is not None else []
+    return " ".join(words + (["--dry-run"] if args.dry_run else []))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -170,10 +291,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"phantoms written to {args.out} (labels.csv)")
         return 0
     settings = load_settings(args.config)
+    setup_logging(settings.logging, debug=args.debug, serving=cmd == "serve", config_file=str(settings.path))
     if cmd == "analyze":
         from gradcam.analyze import analyze_paths
 
-        return analyze_paths(settings.core, [Path(p) for p in args.paths], Path(args.out), args.model)
+        paths = [Path(p) for p in args.paths]
+        return analyze_paths(settings.core, paths, Path(args.out), args.model, force=args.force)
     if cmd == "train":
         from gradcam.training import train_command
 
@@ -198,30 +321,41 @@ def _dispatch(args: argparse.Namespace) -> int:
         from node.demo import run_demo
 
         return run_demo(settings, keep_running=not args.exit)
+    if cmd in ("resend", "reprocess", "purge"):
+        return _operate(settings, args)
     raise AssertionError(cmd)
+
+
+def _operate(settings: Any, args: argparse.Namespace) -> int:
+    from node.ops import commands
+
+    arguments = _operator_arguments(args)
+    if args.command == "resend":
+        return commands.resend_command(settings, None if args.failed else args.jobs, arguments)
+    if args.command == "reprocess":
+        return commands.reprocess_command(settings, args.jobs or None, args.since, arguments)
+    return commands.purge_command(settings, args.older_than, args.dry_run, arguments)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.debug:
-        # Our own handlers log every association, store and send once; the libraries would repeat them.
-        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-        logging.getLogger("highdicom").setLevel(logging.WARNING)
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # node.migrations says what it upgraded
+    setup_logging(debug=args.debug)  # stderr until the configuration says otherwise (_dispatch)
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, so that a closed pipe is noticed below and not at interpreter exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`gradcam-node jobs | head`); Python's recipe: point stdout at /dev/null so
+        # that the final flush at exit does not fail again, and stop without a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _EXIT_BROKEN_PIPE
     except (GradcamError, OSError, ValueError) as exc:
         if args.debug:
             raise
         print(f"gradcam-node: error: {exc}", file=sys.stderr)
-        return 2
+        return 1
 
 
 if __name__ == "__main__":

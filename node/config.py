@@ -1,5 +1,6 @@
 """Typed configuration of the DICOM node: ``[node]``, ``[worker]``, ``[outputs]``, ``[outbox]``,
-``[routing]`` and ``[[destinations]]``, on top of the core's model sections."""
+``[routing]``, ``[[destinations]]``, ``[http]``, ``[retention]`` and ``[logging]``, on top of the core's
+model sections."""
 
 from __future__ import annotations
 
@@ -18,12 +19,42 @@ __all__ = [
     "OUTPUT_KINDS",
     "OutboxConfig",
     "Destination",
+    "NodeTls",
+    "DestinationTls",
+    "HttpConfig",
+    "RetentionConfig",
+    "LoggingConfig",
+    "LOG_LEVELS",
     "Settings",
     "resolve_config_path",
     "load_settings",
 ]
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+@dataclass(frozen=True)
+class NodeTls:
+    """``[node.tls]``: the SCP takes TLS only (TLS 1.2 or later); :mod:`node.tls` reads the files."""
+
+    certificate: Path  # PEM, the node's certificate (then any intermediates)
+    key: Path  # PEM, its private key, unencrypted
+    ca: Path | None = None  # PEM, the CA(s) that client certificates must chain to
+    require_client_certificate: bool = True  # mutual TLS: a client without a valid certificate is refused
+    config_file: str = ""  # for error messages: the file these keys are in
+
+
+@dataclass(frozen=True)
+class DestinationTls:
+    """A ``[[destinations]]`` entry's ``tls`` table: the sender speaks TLS to it (:mod:`node.tls`)."""
+
+    ca: Path  # PEM, the CA(s) the destination's certificate must chain to
+    certificate: Path | None = None  # PEM, the node's client certificate, for a destination that asks one
+    key: Path | None = None
+    server_name: str = ""  # the name its certificate must carry; empty: the destination's host
+    verify_hostname: bool = True  # false: any name, as long as the certificate chains to ca
+    config_file: str = ""
+    key_prefix: str = ""  # e.g. destinations[0].tls
 
 
 @dataclass(frozen=True)
@@ -41,6 +72,7 @@ class NodeConfig:
     database_url: str = ""
     min_free_disk_mb: int = 512
     device_uid: str = ""  # empty: generated once per installation and kept in the database
+    tls: NodeTls | None = None  # [node.tls]: None, plain DICOM
 
 
 @dataclass(frozen=True)
@@ -87,6 +119,47 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: DestinationTls | None = None  # its tls table: None, plain DICOM
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The status page, ``/metrics`` and ``/healthz`` inside ``serve`` (:mod:`node.http`)."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: int = 8080
+    token: str = ""  # empty: no authentication; else the bearer token for every endpoint but /healthz
+    recent: int = 20  # jobs listed on the page
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """``[retention]``: spool files deleted after so many days by ``serve`` (rows kept; :mod:`node.ops`)."""
+
+    received_days: float = 0.0  # received instances whose jobs are all finished; 0: kept for ever
+    outputs_days: float = 0.0  # outputs whose sends are all finished (or that have none); 0: kept for ever
+    interval_h: float = 24.0  # how often serve looks (first at start)
+
+    @property
+    def enabled(self) -> bool:
+        return self.received_days > 0 or self.outputs_days > 0
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``[logging]``: where log lines go (:func:`node.ops.logs.setup_logging`)."""
+
+    file: Path | None = None  # None: stderr (journald under systemd, `docker logs` under compose)
+    max_mb: int = 50  # the file is rotated at this size ...
+    backups: int = 5  # ... keeping this many old ones (FILE.1 ... FILE.N)
+    level: str = "INFO"
+
+
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~-]{16,256}$")  # URL-safe: it may travel in ?token=
 
 
 @dataclass(frozen=True)
@@ -101,6 +174,9 @@ class Settings:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     destinations: tuple[Destination, ...] = ()
     default_destination: str | None = None
+    http: HttpConfig = field(default_factory=HttpConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def database_url(self) -> str:
@@ -158,6 +234,101 @@ def _kinds(r: TableReader, name: str, default: tuple[str, ...]) -> tuple[str, ..
     return tuple(k for k in OUTPUT_KINDS if k in value)
 
 
+def _token(r: TableReader, name: str) -> str:
+    value = r.str(name, "")
+    if value and not _TOKEN_RE.match(value):
+        raise r.error(
+            name,
+            "expected empty (no authentication) or 16-256 URL-safe characters (letters, digits, . _ ~ -), "
+            "e.g. from: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+        )
+    return value
+
+
+def _retention(root: TableReader) -> RetentionConfig:
+    r = root.table_of("retention", {})
+    cfg = RetentionConfig(
+        received_days=r.float("received_days", 0.0, lo=0.0),
+        outputs_days=r.float("outputs_days", 0.0, lo=0.0),
+        interval_h=r.float("interval_h", 24.0, lo=0.001),
+    )
+    r.finish()
+    return cfg
+
+
+def _logging(root: TableReader) -> LoggingConfig:
+    g = root.table_of("logging", {})
+    cfg = LoggingConfig(
+        file=g.path("file") if g.str("file", "") else None,
+        max_mb=g.int("max_mb", 50, lo=1),
+        backups=g.int("backups", 5, lo=0, hi=1000),
+        level=g.str("level", "INFO", choices=LOG_LEVELS),
+    )
+    g.finish()
+    return cfg
+
+
+def _file(r: TableReader, name: str, required: bool = True) -> Path | None:
+    """A file path (relative ones from the repository root, as every path here); None when optional and
+    absent. Whether the file can be read is checked when the node starts (``node.tls.check_files``)."""
+    if not required and name not in r.table:
+        return None
+    if not r.str(name).strip():
+        raise r.error(name, "expected the path of a PEM file, got an empty string")
+    return r.path(name)
+
+
+def _node_tls(n: TableReader) -> NodeTls | None:
+    """``[node.tls]``: present (and not ``enabled = false``) turns TLS on for the SCP's port."""
+    t = n.table_of("tls", None)
+    if t is None:
+        return None
+    enabled = t.bool("enabled", True)
+    tls = NodeTls(
+        certificate=_file(t, "certificate"),
+        key=_file(t, "key"),
+        ca=_file(t, "ca", required=False),
+        require_client_certificate=t.bool("require_client_certificate", True),
+        config_file=t.file,
+    )
+    t.finish()
+    if tls.require_client_certificate and tls.ca is None:
+        raise t.error(
+            "ca",
+            "required with require_client_certificate = true: the CA certificate(s) that signed the "
+            "clients' certificates (or set require_client_certificate = false)",
+        )
+    return tls if enabled else None
+
+
+def _destination_tls(d: TableReader) -> DestinationTls | None:
+    """A destination's ``tls`` table: present (and not ``enabled = false``) makes the sender use TLS."""
+    t = d.table_of("tls", None)
+    if t is None:
+        return None
+    enabled = t.bool("enabled", True)
+    certificate, key = _file(t, "certificate", required=False), _file(t, "key", required=False)
+    if (certificate is None) != (key is None):
+        missing = "key" if key is None else "certificate"
+        raise t.error(
+            missing, "expected certificate and key together (the node's client certificate), or neither"
+        )
+    server_name = t.str("server_name", "").strip()
+    if any(ch.isspace() for ch in server_name):
+        raise t.error("server_name", f"expected a host name without spaces, got {server_name!r}")
+    tls = DestinationTls(
+        ca=_file(t, "ca"),
+        certificate=certificate,
+        key=key,
+        server_name=server_name,
+        verify_hostname=t.bool("verify_hostname", True),
+        config_file=t.file,
+        key_prefix=t.prefix,
+    )
+    t.finish()
+    return tls if enabled else None
+
+
 def resolve_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     """``--config`` wins, then ``GRADCAM_NODE_CONFIG``, then ``config/node.toml``."""
     if explicit:
@@ -190,6 +361,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         database_url=n.str("database_url", ""),
         min_free_disk_mb=n.int("min_free_disk_mb", 512, lo=0),
         device_uid=_uid(n, "device_uid"),
+        tls=_node_tls(n),
     )
     n.finish()
 
@@ -239,6 +411,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
                 ae_title=_ae(d, "ae_title"),
                 host=d.str("host"),
                 port=d.int("port", lo=1, hi=65535),
+                tls=_destination_tls(d),
             )
         )
         d.finish()
@@ -255,6 +428,18 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
             "routing.default_destination",
             f"names no [[destinations]] entry (known: {', '.join(names) or 'none'})",
         )
+    h = root.table_of("http", {})
+    http = HttpConfig(
+        enabled=h.bool("enabled", True),
+        bind=h.str("bind", "127.0.0.1"),
+        port=h.int("port", 8080, lo=1, hi=65535),
+        token=_token(h, "token"),
+        recent=h.int("recent", 20, lo=1, hi=500),
+    )
+    h.finish()
+    if http.enabled and http.port == node.port:
+        raise h.error("port", f"expected a port other than [node] port ({node.port}): DICOM listens there")
+    retention, logging = _retention(root), _logging(root)
     root.finish()
     return Settings(
         path=p,
@@ -265,4 +450,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         outbox=outbox,
         destinations=tuple(dests),
         default_destination=default_destination,
+        http=http,
+        retention=retention,
+        logging=logging,
     )

@@ -1,4 +1,4 @@
-"""Database of the node: associations, received instances, jobs, results, outputs and sends.
+"""Database of the node: associations, received instances, jobs, results, outputs, sends and operations.
 
 The contract is /work/notes/SCHEMA.md. One engine per process (:func:`make_engine`), short sessions from
 :func:`session_factory`. Every timestamp is a timezone-aware UTC :class:`~datetime.datetime` whatever the
@@ -18,6 +18,7 @@ import enum
 import logging
 import sqlite3
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ __all__ = [
     "Setting",
     "Send",
     "SendAttempt",
+    "Operation",
     "utcnow",
     "make_engine",
     "create_schema",
@@ -193,6 +195,8 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     times_received: Mapped[int] = mapped_column(Integer, default=1)
     status: Mapped[InstanceStatus] = mapped_column(_enum(InstanceStatus), default=InstanceStatus.STORED)
+    # when the spool file was deleted by `gradcam-node purge` or [retention] (the row stays); None: kept
+    purged_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="instance", order_by="Job.id")
 
@@ -271,6 +275,8 @@ class Output(Base):
     supersedes: Mapped[str | None] = mapped_column(String(_UID), nullable=True)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # when the file at path was deleted by `gradcam-node purge` or [retention] (the row stays); None: kept
+    purged_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="outputs")
 
@@ -323,13 +329,45 @@ class SendAttempt(Base):
     send: Mapped[Send] = relationship(back_populates="attempts_log")
 
 
+class Operation(Base):
+    """What an operator command (``resend``, ``reprocess``, ``purge``) or the retention loop did, and who
+    asked: ``actor`` is the OS user that ran it. ``summary`` is one line; ``detail`` one line per job,
+    instance or file."""
+
+    __tablename__ = "operations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
+    command: Mapped[str] = mapped_column(String(32))
+    arguments: Mapped[str] = mapped_column(Text, default="")
+    actor: Mapped[str] = mapped_column(String(64))
+    summary: Mapped[str] = mapped_column(Text)
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+def _switch_to_wal(cur: Any) -> None:
+    """``journal_mode = WAL``, waiting for other connections: on a database not yet in WAL mode (new, or
+    made by other tools) the switch needs the database to itself, and SQLite answers "database is locked"
+    at once, without its busy handler, while another process has it open in the middle of a transaction
+    (several node processes starting together)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # Driver-level autocommit so that we, not pysqlite, decide where transactions begin (see "begin").
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     try:
         cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA journal_mode = WAL")
+        _switch_to_wal(cur)
         cur.execute("PRAGMA synchronous = FULL")
         cur.execute("PRAGMA foreign_keys = ON")
     finally:

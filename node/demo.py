@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -52,6 +53,8 @@ __all__ = [
     "NodeProcess",
     "DemoStudy",
     "make_demo_studies",
+    "node_command",
+    "demo_state_dir",
     "run_demo",
 ]
 
@@ -626,11 +629,42 @@ def make_demo_studies(folder: Path) -> list[DemoStudy]:
     return studies
 
 
-def _demo_ports(settings: Settings, workdir: Path) -> tuple[Path, int, int, int]:
-    """The node's configuration and port, Orthanc's DICOM and HTTP ports.
+def demo_state_dir(workdir: Path) -> Path:
+    """The demo node's own spool and database: ``workdir/node/`` (emptied at each demo start)."""
+    return workdir / "node"
 
-    The configured ones (node port, the default destination's port, orthanc.json's HttpPort) when free;
-    otherwise free ones, announced, with a derived node configuration under ``workdir``.
+
+def _shown(path: Path) -> str:
+    """A path as a user types it in the current directory: relative when below it, else absolute."""
+    try:
+        rel = path.relative_to(Path.cwd())
+    except ValueError:
+        return str(path)
+    return str(rel) if len(rel.parts) > 1 else f"./{rel}"  # "./x": a bare name would be looked up on PATH
+
+
+def node_command(*args: str | Path) -> str:
+    """The shell command line that runs ``gradcam-node ARGS`` with this interpreter's installation.
+
+    The ``gradcam-node`` script next to the running interpreter (``.venv/bin/gradcam-node``; it need not be
+    on PATH), else ``python -m node.cli`` with this interpreter.
+    """
+    script = Path(sys.executable).parent / "gradcam-node"
+    if os.access(script, os.X_OK):
+        argv = [_shown(script)]
+    else:
+        argv = [_shown(Path(sys.executable)), "-m", "node.cli"]
+    return shlex.join(argv + [_shown(a) if isinstance(a, Path) else a for a in args])
+
+
+def _demo_ports(settings: Settings, workdir: Path) -> tuple[Path, int, int, int]:
+    """The demo node's configuration and port, Orthanc's DICOM and HTTP ports.
+
+    The node's configuration is always derived, as ``workdir/node.toml``: its spool and SQLite database are
+    the demo's own (:func:`demo_state_dir`), so results that ``make run``'s node still has to deliver never
+    go to the demo's Orthanc, and the demo leaves nothing in that node's database. The ports are the
+    configured ones (node port, the default destination's port, orthanc.json's HttpPort) when free,
+    otherwise free ones, announced.
     """
     base = load_orthanc_config()
     modality = base["DicomModalities"][lua_setting(ORTHANC_LUA.read_text(encoding="utf-8"), "NODE_MODALITY")]
@@ -644,11 +678,13 @@ def _demo_ports(settings: Settings, workdir: Path) -> tuple[Path, int, int, int]
             f"{modality['AET']!r}"
         )
     node_port, dicom_port, http_port = settings.node.port, dest.port, int(base["HttpPort"])
-    overrides: dict[str, Any] = {}
+    state = demo_state_dir(workdir)
+    db_url = f"sqlite:///{state / 'gradcam-node.db'}"
+    overrides: dict[str, Any] = {"node": {"storage_dir": str(state / "spool"), "database_url": db_url}}
     if not port_is_free(node_port):
         node_port = free_port()
         print(f"port {settings.node.port} (the node) is in use: the demo node listens on {node_port}")
-        overrides["node"] = {"port": node_port}
+        overrides["node"]["port"] = node_port
     if not port_is_free(dicom_port):
         dicom_port = free_port()
         print(f"port {dest.port} (Orthanc DICOM) is in use: the demo Orthanc listens on {dicom_port}")
@@ -664,11 +700,22 @@ def _demo_ports(settings: Settings, workdir: Path) -> tuple[Path, int, int, int]
     if not port_is_free(http_port):
         http_port = free_port()
         print(f"port {base['HttpPort']} (Orthanc HTTP) is in use: the demo Orthanc answers on {http_port}")
-    config = settings.path
-    if overrides:
-        config = derived_node_config(settings.path, workdir / "node.toml", overrides)
-        print(f"demo node configuration: {config}")
+    if settings.http.enabled and not port_is_free(settings.http.port, settings.http.bind):
+        status_port = free_port()
+        print(f"port {settings.http.port} (the node's status page) is in use: the demo's is on {status_port}")
+        overrides["http"] = {"port": status_port}
+    config = derived_node_config(settings.path, workdir / "node.toml", overrides)
+    print(f"demo node configuration: {_shown(config)} (its own spool and database in {_shown(state)}/)")
     return config, node_port, dicom_port, http_port
+
+
+def _announce_status_page(config: Path) -> None:
+    from node.config import load_settings
+
+    http = load_settings(config).http
+    if http.enabled:
+        host = "127.0.0.1" if http.bind in ("0.0.0.0", "") else http.bind
+        print(f"the node's status page: http://{host}:{http.port}/", flush=True)
 
 
 _SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
@@ -739,11 +786,12 @@ def _summary(client: OrthancClient, study: DemoStudy) -> list[str]:
     return lines
 
 
-def run_demo(settings: Settings, *, keep_running: bool = True) -> int:
+def run_demo(settings: Settings, *, keep_running: bool = True, workdir: Path = DEMO_DIR) -> int:
     """Orthanc + node on this machine, phantom studies through both, results printed.
 
     Keeps both running until Ctrl-C when ``keep_running`` (``gradcam-node demo``), else stops them after the
-    summary (``gradcam-node demo --exit``). Returns 0 when every study got its results.
+    summary (``gradcam-node demo --exit``). Everything the demo writes is under ``workdir``: Orthanc's and
+    the node's state start empty at each run. Returns 0 when every study got its results.
     """
     for tool in (ORTHANC_BINARY, STORESCU):
         if not os.access(tool, os.X_OK):
@@ -752,7 +800,7 @@ def run_demo(settings: Settings, *, keep_running: bool = True) -> int:
     # sessions, so nobody else stops them); SIGINT explicitly, since a background start may ignore it.
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _run_demo(settings, keep_running)
+        return _run_demo(settings, keep_running, Path(workdir))
     except KeyboardInterrupt:
         return 0
     finally:
@@ -764,10 +812,11 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _run_demo(settings: Settings, keep_running: bool) -> int:
-    workdir = DEMO_DIR
+def _run_demo(settings: Settings, keep_running: bool, workdir: Path) -> int:
+    # the demo's own Orthanc storage and node state start empty: nothing an earlier run left is resent
+    shutil.rmtree(workdir / "orthanc", ignore_errors=True)
+    shutil.rmtree(demo_state_dir(workdir), ignore_errors=True)
     config, node_port, dicom_port, http_port = _demo_ports(settings, workdir)
-    shutil.rmtree(workdir / "orthanc", ignore_errors=True)  # the demo's own Orthanc storage: start empty
     orthanc = LocalOrthanc(
         workdir / "orthanc", dicom_port=dicom_port, http_port=http_port, node_port=node_port
     )
@@ -783,6 +832,7 @@ def _run_demo(settings: Settings, keep_running: bool) -> int:
             flush=True,
         )
         node.start(calling_ae=orthanc.aet)
+        _announce_status_page(config)
         studies = make_demo_studies(workdir / "inputs")
         print(f"sending {len(studies)} synthetic phantom studies to Orthanc with {STORESCU} ...", flush=True)
         storescu([s.path for s in studies], dicom_port, orthanc.aet)
@@ -790,14 +840,28 @@ def _run_demo(settings: Settings, keep_running: bool) -> int:
         print()
         for s in studies:
             print("\n".join(_summary(orthanc.client, s)))
-        jobs = "gradcam-node jobs" if config == DEFAULT_CONFIG else f"gradcam-node --config {config} jobs"
-        print(
-            f"\nAI research output - not for diagnostic use.\n"
-            f"Look at the studies in Orthanc Explorer: {orthanc.url}{EXPLORER_PATH}\n"
-            f"What the node did: {jobs}   (logs: {node.log_path}, {orthanc.log_path})"
-        )
         if complete < len(studies):
             print(f"only {complete} of {len(studies)} studies got results within {DEMO_TIMEOUT_S:.0f} s")
+        if not keep_running:
+            print("\nstopping the node and Orthanc (--exit) ...", flush=True)
+            node.stop()
+            orthanc.stop()
+        print("\nAI research output - not for diagnostic use.")
+        if keep_running:
+            print(f"Look at the studies in Orthanc Explorer: {orthanc.url}{EXPLORER_PATH}")
+        else:
+            default = settings.path.resolve() == DEFAULT_CONFIG.resolve()
+            again = node_command(*(("demo",) if default else ("--config", settings.path, "demo")))
+            print(
+                f"Checked in Orthanc: {complete} of {len(studies)} studies hold the node's results (above, "
+                "read back from its SRs).\n"
+                "Orthanc and the node are stopped now (--exit). To browse the studies in Orthanc Explorer,\n"
+                f"run the demo without --exit, `make demo` or `{again}`: both then keep running until Ctrl-C."
+            )
+        print(
+            f"What the node did: {node_command('--config', config, 'jobs')}\n"
+            f"Logs: {_shown(node.log_path)}, {_shown(orthanc.log_path)}"
+        )
         if keep_running:
             print("Orthanc and the node keep running; press Ctrl-C to stop both.", flush=True)
             while orthanc.running and node.running:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -28,9 +29,9 @@ import numpy as np
 
 from gradcam.analysis import LoadedModelInfo, RawOutput
 from gradcam.config import CoreConfig
-from gradcam.errors import InputError
+from gradcam.errors import GradcamError, InputError
 
-__all__ = ["ChildError", "InferenceProcess", "ModelError", "default_threads"]
+__all__ = ["ChildError", "InferenceProcess", "ModelError", "ModelStartError", "default_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,23 @@ class ModelError(Exception):
     """The models failed on an image for a reason that another try will not change."""
 
 
+class ModelStartError(RuntimeError):
+    """The model process did not start for a reason other than a model's own error (those, e.g.
+    :class:`~gradcam.errors.CheckpointMissingError`, are raised as they are)."""
+
+
+def _portable(exc: BaseException) -> BaseException | str:
+    """The child's start-up error as the parent can raise it: the model's own error when it is one of
+    ours and crosses the pipe intact (its one-line message says what to do), else its text."""
+    if isinstance(exc, GradcamError):
+        try:
+            if str(pickle.loads(pickle.dumps(exc))) == str(exc):
+                return exc
+        except Exception:  # noqa: BLE001 - an exception class that does not pickle: send its text
+            pass
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _classify(exc: BaseException) -> ChildError:
     if isinstance(exc, InputError):
         kind = "input"
@@ -87,7 +105,7 @@ def _child_main(conn: Connection, core: CoreConfig, threads: int) -> None:  # pr
         analyzer = Analyzer(core)
         analyzer.warm_up()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which refuses to start
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        conn.send(("error", _portable(exc)))
         return
     conn.send(("ready", analyzer.infos))
     log_child = logging.getLogger("node.inference.child")
@@ -134,7 +152,12 @@ class InferenceProcess:
     # --- life cycle -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the child and wait until its models are loaded; raises RuntimeError if they cannot be."""
+        """Start the child and wait until its models are loaded.
+
+        Raises the model's own error (:class:`~gradcam.errors.GradcamError`: a checkpoint missing, of
+        another architecture, not a checkpoint...) if one cannot be loaded, :class:`ModelStartError` if
+        the process fails otherwise.
+        """
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(
             target=_child_main, args=(child, self.core, self.threads), name="gradcam-models", daemon=True
@@ -143,17 +166,21 @@ class InferenceProcess:
         child.close()
         try:
             if not parent.poll(_START_TIMEOUT_S):
-                raise RuntimeError(f"model process not ready after {_START_TIMEOUT_S:.0f} s")
+                raise ModelStartError(f"model process not ready after {_START_TIMEOUT_S:.0f} s")
             status, detail = parent.recv()
         except (EOFError, OSError) as exc:
             proc.join(5)
-            raise RuntimeError(f"model process exited during start-up (exit code {proc.exitcode})") from exc
+            raise ModelStartError(
+                f"model process exited during start-up (exit code {proc.exitcode})"
+            ) from exc
         except BaseException:
             proc.kill()
             raise
         if status != "ready":
             proc.join(5)
-            raise RuntimeError(f"cannot load the models: {detail}")
+            if isinstance(detail, GradcamError):
+                raise detail
+            raise ModelStartError(f"cannot load the models: {detail}")
         self._proc, self._conn, self.models = proc, parent, list(detail)
         log.info("model process %d ready (%d torch threads)", proc.pid, self.threads)
 

@@ -13,16 +13,17 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, selectinload
 
 from node.config import Settings
-from node.db import Association, Job, JobStatus, make_engine, session_factory
+from node.db import Association, Job, JobStatus, create_schema, make_engine, session_factory
 
-__all__ = ["print_jobs", "job_records"]
+__all__ = ["print_jobs", "job_records", "job_record"]
 
 
 def _iso(t: datetime | None) -> str | None:
     return t.isoformat(timespec="milliseconds") if t is not None else None
 
 
-def _job_record(job: Job) -> dict[str, Any]:
+def job_record(job: Job) -> dict[str, Any]:
+    """One job as ``jobs --json`` prints it (instance, results, outputs and sends loaded or loadable)."""
     inst = job.instance
     return {
         "job_id": job.id,
@@ -46,6 +47,7 @@ def _job_record(job: Job) -> dict[str, Any]:
             "received_at": _iso(inst.received_at),
             "times_received": inst.times_received,
             "path": inst.path,
+            "purged_at": _iso(inst.purged_at),
         },
         "results": [
             {
@@ -69,6 +71,7 @@ def _job_record(job: Job) -> dict[str, Any]:
                 "instance_number": o.instance_number,
                 "supersedes": o.supersedes,
                 "path": o.path,
+                "purged_at": _iso(o.purged_at),
             }
             for o in job.outputs
         ],
@@ -96,7 +99,7 @@ def job_records(session: Session, limit: int, status: JobStatus | None = None) -
     )
     if status is not None:
         q = q.where(Job.status == status)
-    return [_job_record(j) for j in session.scalars(q)]
+    return [job_record(j) for j in session.scalars(q)]
 
 
 def _association_counts(session: Session) -> dict[str, int]:
@@ -127,7 +130,11 @@ def _table(records: list[dict[str, Any]], assoc: dict[str, int], out: TextIO) ->
             f"{_consensus(r['consensus'])}",
             file=out,
         )
-        print(f"       instance {inst['sop_instance_uid']}  (received {inst['times_received']}x)", file=out)
+        purged = f"; file purged {inst['purged_at'][:10]}" if inst["purged_at"] else ""
+        print(
+            f"       instance {inst['sop_instance_uid']}  (received {inst['times_received']}x{purged})",
+            file=out,
+        )
         if r["reason"]:
             print(f"       reason: {r['reason']}", file=out)
         if r["results"]:
@@ -139,7 +146,8 @@ def _table(records: list[dict[str, Any]], assoc: dict[str, int], out: TextIO) ->
         for o in r["outputs"]:
             what = o["kind"] + (f" {o['model']}" if o["model"] else "")
             supersedes = f" (supersedes {o['supersedes']})" if o["supersedes"] else ""
-            print(f"       output {what}: {o['path']}{supersedes}", file=out)
+            purged = f" (purged {o['purged_at'][:10]})" if o["purged_at"] else ""
+            print(f"       output {what}: {o['path']}{supersedes}{purged}", file=out)
         if r["sends"]:
             sends = "; ".join(
                 f"{s['destination']} {s['status']} ({s['attempts']} attempt(s))"
@@ -180,6 +188,7 @@ def print_jobs(settings: Settings, limit: int, status: str | None, as_json: bool
     else:
         engine = make_engine(settings.database_url)
         try:
+            create_schema(engine)  # a database the running (older) node has not upgraded yet
             with session_factory(engine)() as s:
                 records = job_records(s, limit, wanted)
                 assoc = _association_counts(s)

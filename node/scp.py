@@ -63,7 +63,8 @@ from node.store import (
     Received,
     StoreOutcome,
 )
-from node.triage import triage
+from node.tls import start_tls_server
+from node.triage import DEFAULT_MIN_SIDE, triage
 
 __all__ = [
     "TRANSFER_SYNTAXES",
@@ -107,6 +108,7 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
 )
 
 SUCCESS = 0x0000
+_CALLED_AE_NOT_RECOGNISED = 0x07  # A-ASSOCIATE-RJ diagnostic of the service user (PS3.8 9.3.4)
 OUT_OF_RESOURCES = 0xA700
 CANNOT_DECODE = 0xC210
 INVALID_UID = 0xC211
@@ -130,6 +132,7 @@ class ScpContext:
     node: NodeConfig
     store: InstanceStore
     associations: AssociationLog
+    min_side: int = DEFAULT_MIN_SIDE  # [preprocess] min_side: smaller images are skipped at reception
     _states: weakref.WeakKeyDictionary[Any, _AssocState] = field(default_factory=weakref.WeakKeyDictionary)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -195,7 +198,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(ds.get(keyword, "") or "").strip()
 
 
-def _received(event: Event, st: _AssocState) -> Received | Dataset:
+def _received(event: Event, st: _AssocState, min_side: int) -> Received | Dataset:
     """The header facts of a C-STORE request, or the failure status to answer."""
     try:
         ds = event.dataset
@@ -211,7 +214,7 @@ def _received(event: Event, st: _AssocState) -> Received | Dataset:
     if sop_uid != str(event.request.AffectedSOPInstanceUID or "").strip():
         return _status(INVALID_UID, "SOP Instance UID differs from the request's")
     try:
-        analysable, reason = triage(ds)
+        analysable, reason = triage(ds, min_side)
     except Exception as exc:  # header values triage cannot read: keep the instance, do not analyse it
         analysable, reason = False, f"unreadable header ({exc.__class__.__name__})"
     return Received(
@@ -235,7 +238,7 @@ def _store(event: Event, ctx: ScpContext, st: _AssocState) -> Dataset:
     except OutOfResourcesError as exc:
         log.error("refusing C-STORE: %s", exc)
         return _status(OUT_OF_RESOURCES, "out of disk space")
-    rec = _received(event, st)
+    rec = _received(event, st, ctx.min_side)
     if isinstance(rec, Dataset):
         return rec
     sop_uid, modality = rec.sop_instance_uid, rec.modality
@@ -283,17 +286,24 @@ def handle_accepted(event: Event, ctx: ScpContext) -> None:
 
 
 def handle_rejected(event: Event, ctx: ScpContext) -> None:
-    """EVT_REJECTED: record the association as ``rejected`` with pynetdicom's A-ASSOCIATE-RJ reason."""
+    """EVT_REJECTED: record the association as ``rejected`` with the reason of its A-ASSOCIATE-RJ, and the
+    called AE title the peer asked for."""
     a = event.assoc
     st = ctx.state(a)
     rj = a.acceptor.primitive
+    ours = a.acceptor.ae_title.strip()
+    rq = a.requestor.primitive
+    called = str(getattr(rq, "called_ae_title", "") or ours).strip()
     try:
-        reason = f"{rj.result_str}, {rj.source_str}: {rj.reason_str}"
+        if rj.result_source == 0x01 and rj.diagnostic == _CALLED_AE_NOT_RECOGNISED:
+            reason = f"called AE title {called!r} is not this node's ({ours})"
+        else:
+            reason = f"{rj.result_str}, {rj.source_str}: {rj.reason_str}"
     except Exception:  # only for the log text
         reason = "rejected"
     st.row_id = ctx.associations.open(
         a.requestor.ae_title.strip(),
-        a.acceptor.ae_title.strip(),
+        called,
         str(a.requestor.address),
         int(a.requestor.port),
         AssociationStatus.REJECTED,
@@ -349,11 +359,15 @@ def make_handlers(ctx: ScpContext) -> list[tuple[Any, Any, list[Any]]]:
 
 
 def build_ae(node: NodeConfig) -> AE:
-    """The AE: every storage SOP class plus Verification, with the transfer syntaxes above."""
+    """The AE: every storage SOP class plus Verification, with the transfer syntaxes above; associations
+    must call ``node.ae_title`` and, when ``allowed_calling_aets`` is set, come from one of those."""
     ae = AE(ae_title=node.ae_title)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     ae.add_supported_context(Verification, list(TRANSFER_SYNTAXES))
+    # A peer that calls another AE title has the wrong node (or a typo in its configuration): refused with
+    # A-ASSOCIATE-RJ rejected-permanent, service user, "called AE title not recognised".
+    ae.require_called_aet = True
     if node.allowed_calling_aets:
         # pynetdicom answers others with A-ASSOCIATE-RJ: rejected-permanent, service user,
         # "calling AE title not recognised".
@@ -367,14 +381,22 @@ def build_ae(node: NodeConfig) -> AE:
 
 
 def start_scp(
-    node: NodeConfig, sessions: sessionmaker, job_signal: JobSignal, content_key: str | None = None
+    node: NodeConfig,
+    sessions: sessionmaker,
+    job_signal: JobSignal,
+    content_key: str | None = None,
+    min_side: int = DEFAULT_MIN_SIDE,
 ) -> ThreadedAssociationServer:
     """Start listening on ``node.bind:node.port`` (returns at once; ``server.shutdown()`` stops it).
 
     ``content_key``: see :class:`node.store.InstanceStore` (images received again are re-analysed when
-    their results were made with another configuration).
+    their results were made with another configuration); ``min_side``: ``[preprocess] min_side``.
 
-    Raises :class:`OSError` when the address cannot be bound.
+    With ``node.tls`` the port takes DICOM over TLS only (:mod:`node.tls`: the handshake in the
+    connection's own thread, within ``acse_timeout_s``; a failed one is a warning naming the peer).
+
+    Raises :class:`OSError` when the address cannot be bound, :class:`~gradcam.errors.ConfigError` naming
+    the key and the file when a ``[node.tls]`` file cannot be used.
     """
     ctx = ScpContext(
         node=node,
@@ -382,6 +404,9 @@ def start_scp(
             node.storage_dir, sessions, job_signal, node.min_free_disk_mb * 2**20, content_key
         ),
         associations=AssociationLog(sessions),
+        min_side=min_side,
     )
     ae = build_ae(node)
-    return ae.start_server((node.bind, node.port), block=False, evt_handlers=make_handlers(ctx))
+    if node.tls is None:
+        return ae.start_server((node.bind, node.port), block=False, evt_handlers=make_handlers(ctx))
+    return start_tls_server(ae, (node.bind, node.port), node.tls, make_handlers(ctx), node.acse_timeout_s)

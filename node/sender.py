@@ -17,7 +17,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +27,7 @@ from node.config import Destination, Settings
 from node.db import SendStatus, utcnow
 from node.outbox import OutgoingFile, SendWork, as_utc, claim_send, due_send_ids, next_due_at, record_attempt
 from node.queue import JobSignal
+from node.tls import ClientContext, describe_tls_error, tls_args
 
 __all__ = [
     "Sender",
@@ -107,23 +108,71 @@ def _prompt_tcp(assoc: Association) -> None:
     transport.recv = recv
 
 
-def _not_established(assoc: Association, host: str, port: int, timeout: float) -> str:
-    """Why an association did not come up, as precisely as the peer lets us know."""
+def _not_established(
+    assoc: Association,
+    host: str,
+    port: int,
+    timeout: float,
+    connected: bool | None = None,
+    elapsed_s: float = 0.0,
+) -> str:
+    """Why an association did not come up, as precisely as the peer lets us know.
+
+    ``connected``: whether the TCP connection was made (None: not known); ``elapsed_s``: how long the
+    association request took, so that a timeout (``timeout``: ``acse_timeout_s``, which is also the
+    connection timeout) is called one and not taken for a refusal.
+    """
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive
         if rsp is not None:
             return f"association rejected ({rsp.result_str}, {rsp.source_str}: {rsp.reason_str})"
         return "association rejected"
+    no_connection = (
+        f"cannot connect to {host}:{port}: no answer within {timeout:g} s (acse_timeout_s): "
+        "is the host up and the port open (firewall)?"
+    )
+    timed_out = elapsed_s >= 0.9 * timeout
+    if connected is False and timed_out:
+        return no_connection
+    if connected:
+        if timed_out:
+            return (
+                f"connected to {host}:{port}, but no answer to the association request within {timeout:g} s "
+                "(acse_timeout_s): is it a DICOM node, and is the port the right one?"
+            )
+        return (
+            f"connected to {host}:{port}, but the association was aborted during negotiation: the peer "
+            "closed the connection or does not speak DICOM on this port"
+        )
     # pynetdicom reports a refused connection as an abort and hides the socket error; one plain connect
     # names it (refused, unreachable, timeout).
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
+    except TimeoutError:
+        return no_connection
     except OSError as exc:
         return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
     if assoc.is_aborted:
         return "association aborted by the peer during negotiation"
     return f"no association with {host}:{port} (no answer to the association request)"
+
+
+def _tls_args(settings: Settings, name: str, host: str) -> tuple[ClientContext, str] | None:
+    """pynetdicom's ``tls_args`` for the destination called ``name`` (a fresh context: its files are read
+    again, so a renewed certificate needs no restart); None for plain DICOM. Raises :class:`ConfigError`."""
+    dest = next((d for d in settings.destinations if d.name == name), None)
+    if dest is None or dest.tls is None:
+        return None
+    return tls_args(dest.tls, host)
+
+
+def _tls_failure(args: tuple[ClientContext, str] | None, name: str, host: str, port: int) -> str | None:
+    """Why the TLS handshake with a destination failed; None when it did not (or there was no TLS)."""
+    if args is None or args[0].error is None:
+        return None
+    reason = describe_tls_error(args[0].error, "the destination", f"tls.ca of destination {name!r}")
+    return f"TLS handshake with {host}:{port} failed: {reason}"
 
 
 def _pause_reactor(assoc: Association, timeout: float = 1.0) -> None:
@@ -204,6 +253,7 @@ class Link:
     def __init__(self, settings: Settings, work: SendWork) -> None:
         self.where = _where(work)
         self.error: str | None = None
+        self.assoc: Association | None = None
         self._warned: set[str] = set()
         self._msg_id = 0
         ae = _make_ae(settings)
@@ -211,20 +261,30 @@ class Link:
         classes = {f.sop_class_uid for f in work.files} | OUTPUT_SOP_CLASSES
         for sop_class in sorted(classes):
             ae.add_requested_context(sop_class, transfer_syntaxes)
-        self.assoc = ae.associate(work.host, work.port, ae_title=work.ae_title, max_pdu=settings.node.max_pdu)
+        try:
+            tls = _tls_args(settings, work.destination, work.host)
+        except ConfigError as exc:  # a TLS file gone or replaced by a bad one since the start
+            self.error = f"TLS configuration: {exc}"
+            return
+        self.assoc = ae.associate(
+            work.host, work.port, ae_title=work.ae_title, max_pdu=settings.node.max_pdu, tls_args=tls
+        )
         if self.assoc.is_established:
             _prompt_tcp(self.assoc)
         else:
-            self.error = _not_established(self.assoc, work.host, work.port, settings.node.acse_timeout_s)
+            self.error = _tls_failure(tls, work.destination, work.host, work.port) or _not_established(
+                self.assoc, work.host, work.port, settings.node.acse_timeout_s
+            )
 
     @property
     def usable(self) -> bool:
-        return self.error is None and self.assoc.is_established
+        return self.error is None and self.assoc is not None and self.assoc.is_established
 
     def serves(self, work: SendWork) -> bool:
         """Whether ``work`` goes over this link: same destination, and open (or refused: the refusal
         stands for the rest of this pass instead of a new connection attempt per send)."""
-        return self.where == _where(work) and (self.error is not None or self.assoc.is_established)
+        open_ = self.assoc is not None and self.assoc.is_established
+        return self.where == _where(work) and (self.error is not None or open_)
 
     def send(self, work: SendWork) -> SendOutcome:
         """C-STORE every file of ``work``; its outcome (stored or not, per-instance statuses)."""
@@ -233,7 +293,7 @@ class Link:
         started = utcnow()
         if self.error is not None:
             return SendOutcome(False, self.error, started, started)
-        if not self.assoc.is_established:
+        if self.assoc is None or not self.assoc.is_established:
             return SendOutcome(False, "association lost before this send", started, started)
         statuses: list[str] = []
         ok = True
@@ -273,7 +333,7 @@ class Link:
         )
 
     def close(self) -> None:
-        if self.assoc.is_established:
+        if self.assoc is not None and self.assoc.is_established:
             self.assoc.release()
 
 
@@ -455,10 +515,31 @@ def echo(settings: Settings, dest: Destination) -> tuple[bool, str, float]:
     """C-ECHO a destination; returns success, a reason on failure, and the round trip in ms."""
     ae = _make_ae(settings)
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
+    opened: list[bool] = []
+    try:
+        tls = _tls_args(settings, dest.name, dest.host)
+    except ConfigError as exc:
+        return False, f"TLS configuration: {exc}", 0.0
     t0 = time.perf_counter()
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    try:
+        assoc = ae.associate(
+            dest.host,
+            dest.port,
+            ae_title=dest.ae_title,
+            tls_args=tls,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: opened.append(True))],
+        )
+    except socket.gaierror as exc:  # pynetdicom resolves the host name before it connects
+        where = f"the host of [[destinations]] {dest.name!r} in {settings.path}"
+        return False, f"cannot resolve host {dest.host!r}: {exc.strerror or exc}: check {where}", 0.0
+    except OSError as exc:
+        return False, f"cannot connect to {dest.host}:{dest.port}: {exc.strerror or exc}", 0.0
     if not assoc.is_established:
-        return False, _not_established(assoc, dest.host, dest.port, settings.node.acse_timeout_s), 0.0
+        failure = _tls_failure(tls, dest.name, dest.host, dest.port)
+        if failure:
+            return False, failure, 0.0
+        timeout, elapsed = settings.node.acse_timeout_s, time.perf_counter() - t0
+        return False, _not_established(assoc, dest.host, dest.port, timeout, bool(opened), elapsed), 0.0
     try:
         rsp = assoc.send_c_echo()
     finally:

@@ -150,6 +150,7 @@ class InstanceStore:
         with self._lock_for(rec.sop_instance_uid):
             dup = self._count_duplicate(rec)
             if dup is not None:
+                self._restore_purged(dup[0], Path(dup[1]), data)
                 again = self._reanalyse(dup[0], rec)
                 if again is not None:
                     self.job_signal.notify()
@@ -198,6 +199,20 @@ class InstanceStore:
                 return int(row[0]), str(row[1])
         except SQLAlchemyError as exc:
             raise OutOfResourcesError(f"database error: {exc.__class__.__name__}: {exc}") from exc
+
+    def _restore_purged(self, instance_id: int, path: Path, data: bytes) -> None:
+        """An instance received again whose spool file was purged (retention) gets its file back, so that
+        it can be analysed (and reprocessed) again; same UID, same bytes."""
+        if path.exists():
+            return
+        self.check_space(len(data))
+        try:
+            write_atomic(path, data)
+            with self.sessions.begin() as s:
+                s.execute(update(Instance).where(Instance.id == instance_id).values(purged_at=None))
+        except (OSError, SQLAlchemyError) as exc:
+            raise OutOfResourcesError(f"cannot restore {path}: {exc.__class__.__name__}: {exc}") from exc
+        log.info("instance file %s was purged and is written again (received again)", path)
 
     def _reanalyse(self, instance_id: int, rec: Received) -> int | None:
         """Queue a new job for a received-again instance whose latest results are stale; its id, or None."""

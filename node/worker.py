@@ -202,7 +202,7 @@ class Worker:
         t0 = time.perf_counter()
         try:
             ds = warm_up_source()
-            image = load_dataset_image(ds, self.settings.core.preprocess.max_pixels, "warm-up")
+            image = load_dataset_image(ds, self.settings.core.preprocess.max_pixels, "warm-up", min_side=1)
             peaked = np.zeros((2, 2), np.float32)
             peaked[0, 0] = 1.0
             raw = {m.cfg.name: [RawOutput(1.0, peaked, 0.0)] for m in self.models.models}
@@ -331,7 +331,8 @@ class Worker:
     def _load(self, item: _Item) -> None:
         try:
             ds = pydicom.dcmread(item.job.path)
-            item.image = load_dataset_image(ds, self.settings.core.preprocess.max_pixels, str(item.job.path))
+            pre = self.settings.core.preprocess
+            item.image = load_dataset_image(ds, pre.max_pixels, str(item.job.path), min_side=pre.min_side)
             item.source = ds
         except InvalidDicomError as exc:
             item.error = PermanentError(f"spool file is not readable DICOM: {_describe(exc)}")

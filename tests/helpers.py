@@ -134,7 +134,8 @@ def write_test_config(
         ``[routing] default_destination``.
     **sections
         Extra keys per table, e.g. ``node={"allowed_calling_aets": ["STORESCU"]}``,
-        ``worker={"batch_size": 1}``, ``outbox={"backoff_initial_s": 0.1}``, ``render={"max_side": 256}``.
+        ``worker={"batch_size": 1}``, ``outbox={"backoff_initial_s": 0.1}``, ``render={"max_side": 256}``;
+        ``http`` defaults to ``{"enabled": False}``.
     """
     node = {
         "ae_title": "GRADCAM",
@@ -148,6 +149,9 @@ def write_test_config(
         "network_timeout_s": 30,
     }
     node.update(sections.pop("node", {}))
+    # the status page is off unless a test asks for it (http={"port": free_port()}): nodes of the
+    # tests run side by side, and the default port 8080 would be taken by the first
+    sections.setdefault("http", {"enabled": False})
     parts = [_table("node", node)]
     for name, values in sections.items():
         parts.append(_table(name, values))

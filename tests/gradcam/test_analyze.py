@@ -6,8 +6,11 @@ import argparse
 import hashlib
 import json
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -24,10 +27,13 @@ from tests import helpers
 CLI = Path(sys.executable).parent / "gradcam-node"
 
 
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "GRADCAM_NODE_CONFIG"}
+
+
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "GRADCAM_NODE_CONFIG"}
     return subprocess.run(
-        [str(CLI), *map(str, args)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+        [str(CLI), *map(str, args)], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300
     )
 
 
@@ -208,12 +214,182 @@ def test_same_stem_inputs_get_separate_folders(tiny_config_path: Path, tmp_path:
     first, second = tmp_path / "a" / "chest.png", tmp_path / "b" / "chest.png"
     for i, path in enumerate((first, second)):
         path.parent.mkdir()
-        cv2.imwrite(str(path), (radiograph(60 + 10 * i, 60, i) * 255).astype(np.uint8))
+        cv2.imwrite(str(path), (radiograph(70 + 10 * i, 70, i) * 255).astype(np.uint8))
     third = helpers.write_dataset(helpers.image_dataset(size=64), tmp_path / "chest.dcm")
     out = tmp_path / "out"
     result = run_cli(
         "--config", tiny_config_path, "analyze", first, second, third, "--out", out, "--model", "ResNet18"
     )
     assert result.returncode == 0, result.stderr
-    inputs = {json.loads((d / "result.json").read_text())["input"] for d in out.iterdir()}
-    assert inputs == {str(first), str(second), str(third)}
+    folders = {d.name: json.loads((d / "result.json").read_text())["input"] for d in out.iterdir()}
+    assert folders == {"chest": str(first), "chest_2": str(second), "chest_3": str(third)}
+
+
+# --- the node's rules (gradcam.eligibility), --force, folders, progress ----------------------------------
+
+TOO_SMALL = (
+    "image of 16 x 16 pixels is too small to be a radiograph (at least 64 a side: [preprocess] min_side)"
+)
+
+
+def _skip_line(path: Path, reason: str) -> str:
+    return f"gradcam-node analyze: SKIP {path}: {reason} (use --force to analyse anyway)"
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Files the node would skip (CT, CT saying DX, 16 x 16 DICOM and PNG) and ones nothing may analyse."""
+    d = tmp_path_factory.mktemp("refused")
+    files = {
+        "ct": helpers.write_dataset(helpers.image_dataset(modality="CT", size=96, seed=5), d / "ct.dcm"),
+        "ct_as_dx": helpers.write_dataset(
+            helpers.image_dataset(modality="DX", sop_class_uid=helpers.CT_SOP_CLASS, size=96, seed=6),
+            d / "ct-as-dx.dcm",
+        ),
+        "small_dicom": helpers.write_dataset(helpers.image_dataset(size=16, seed=7), d / "small.dcm"),
+        "small_png": d / "small.png",
+        "blank": d / "blank.png",
+    }
+    cv2.imwrite(str(files["small_png"]), (radiograph(16, 16, 8) * 255).astype(np.uint8))
+    cv2.imwrite(str(files["blank"]), np.full((96, 96), 128, np.uint8))
+    floats = helpers.image_dataset(size=96, seed=9)
+    del floats.PixelData, floats.BitsStored, floats.HighBit, floats.PixelRepresentation
+    floats.BitsAllocated = 32
+    floats.FloatPixelData = radiograph(96, 96, 9).astype(np.float32).tobytes()
+    files["float"] = helpers.write_dataset(floats, d / "float.dcm")
+    return files
+
+
+def test_files_the_node_would_skip_are_skipped_with_their_reason(
+    tiny_config_path: Path, inputs: dict[str, Path], refused: dict[str, Path], tmp_path: Path
+) -> None:
+    names = ["ct", "ct_as_dx", "small_dicom", "small_png"]
+    result = run_cli(
+        "--config", tiny_config_path, "analyze", *[refused[n] for n in names], inputs["png"],
+        "--out", tmp_path, "--model", "ResNet18",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr  # skipped by a rule is not a failure
+    ct_class = f"CT Image Storage ({helpers.CT_SOP_CLASS})"
+    assert result.stderr.splitlines() == [
+        _skip_line(refused["ct"], "modality CT is not CR/DX"),
+        _skip_line(
+            refused["ct_as_dx"],
+            f"SOP class {ct_class} is not a CR or DX image although Modality says DX: the SOP class decides",
+        ),
+        _skip_line(refused["small_dicom"], TOO_SMALL),
+        _skip_line(refused["small_png"], TOO_SMALL),
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chest-png"]  # nothing written for the others
+    assert len(result.stdout.splitlines()) == 1 and result.stdout.startswith(f"{inputs['png']}: consensus")
+
+
+def test_force_analyses_what_the_rules_skip_but_never_an_unusable_image(
+    tiny_config_path: Path, refused: dict[str, Path], tmp_path: Path
+) -> None:
+    names = ["ct", "blank", "small_dicom", "float", "small_png"]
+    result = run_cli(
+        "--config", tiny_config_path, "analyze", *[refused[n] for n in names],
+        "--out", tmp_path, "--model", "ResNet18", "--force",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr  # the blank and the float image could not be analysed
+    assert result.stderr.splitlines() == [
+        f"gradcam-node analyze: {refused['blank']}: blank image: every pixel has the same value after the "
+        "display pipeline; nothing to analyse",
+        f"gradcam-node analyze: {refused['float']}: Float Pixel Data (7FE0,0008) is not analysed: "
+        "radiographs store integers in Pixel Data (7FE0,0010)",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "small", "small_2"]
+    for folder, size in (("ct", 96), ("small", 16), ("small_2", 16)):
+        doc = json.loads((tmp_path / folder / "result.json").read_text())
+        assert doc["image_size"] == {"rows": size, "columns": size}
+        assert 0.0 <= doc["models"]["ResNet18"]["probability"] <= 1.0
+    assert json.loads((tmp_path / "ct" / "result.json").read_text())["input"] == str(refused["ct"])
+
+
+def test_folders_are_analysed_recursively_and_an_empty_one_is_an_error(
+    tiny_config_path: Path, inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    study = tmp_path / "study"
+    (study / "sub").mkdir(parents=True)
+    cv2.imwrite(str(study / "a.png"), (radiograph(80, 80, 11) * 255).astype(np.uint8))
+    cv2.imwrite(str(study / ".hidden.png"), (radiograph(80, 80, 12) * 255).astype(np.uint8))
+    (study / "notes.txt").write_text("not an image: passed over quietly in a folder\n")
+    helpers.write_dataset(helpers.image_dataset(size=64, seed=13), study / "sub" / "b.dcm")
+    # no suffix, as in a DICOMDIR export: found by its DICM preamble
+    helpers.write_dataset(helpers.image_dataset(size=64, seed=14), study / "sub" / "IM0001")
+    out = tmp_path / "out"
+    result = run_cli("--config", tiny_config_path, "analyze", study, "--out", out, "--model", "ResNet18")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    done = [line.split(": consensus")[0] for line in result.stdout.splitlines()]
+    assert done == [str(study / "a.png"), str(study / "sub" / "IM0001"), str(study / "sub" / "b.dcm")]
+    assert sorted(p.name for p in out.iterdir()) == ["IM0001", "a", "b"]
+
+    empty = tmp_path / "empty"
+    (empty / "deeper").mkdir(parents=True)
+    (empty / "deeper" / "readme.txt").write_text("no images here\n")
+    out = tmp_path / "out-empty"
+    result = run_cli(
+        "--config", tiny_config_path, "analyze", empty, inputs["png"], "--out", out, "--model", "ResNet18"
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"gradcam-node analyze: {empty}: no DICOM, PNG or JPEG file in this folder"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["chest-png"]  # the other paths are still done
+
+
+def _run_on_terminal(args: list[str | Path], timeout: float = 300) -> tuple[int, str, str]:
+    """Run the command with stderr on a pseudo-terminal; ``(exit code, stdout, what the terminal got)``."""
+    master, slave = pty.openpty()
+    env = {**_env(), "COLUMNS": "100"}
+    proc = subprocess.Popen(
+        [str(CLI), *map(str, args)], cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=slave,
+    )  # fmt: skip
+    os.close(slave)
+    got = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 1.0)[0]:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # EIO: the command has exited and the terminal is closed
+                    break
+                if not data:
+                    break
+                got += data
+        stdout, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, stdout.decode(), got.decode()
+
+
+def test_progress_line_only_on_a_terminal(
+    tiny_config_path: Path, inputs: dict[str, Path], refused: dict[str, Path], tmp_path: Path
+) -> None:
+    files = [inputs["png"], refused["small_png"], inputs["jpeg"]]
+    args = ["--config", tiny_config_path, "analyze", *files, "--model", "ResNet18", "--out"]
+    skip = _skip_line(refused["small_png"], TOO_SMALL)
+
+    code, stdout, terminal = _run_on_terminal([*args, tmp_path / "tty"])
+    assert code == 0, terminal
+    assert len(stdout.splitlines()) == 2
+    # each progress state is written over the last (carriage returns), cleared before any other line
+    shown = [part.strip() for part in terminal.split("\r") if part.strip()]
+    assert shown == [
+        f"gradcam-node analyze: 1/3 {files[0].name}",
+        f"gradcam-node analyze: 2/3 {files[1].name}",
+        skip,
+        f"gradcam-node analyze: 3/3 {files[2].name}",
+    ], terminal
+    assert terminal.rstrip(" ").endswith("\r"), "the progress line must be cleared at the end"
+
+    piped = run_cli(*args, tmp_path / "pipe")  # stderr is a pipe: the result lines only
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stderr.splitlines() == [skip]
+    assert len(piped.stdout.splitlines()) == 2

@@ -10,14 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from gradcam.analysis import Analyzer
 from gradcam.config import CoreConfig, ModelConfig
 from gradcam.errors import (
+    CheckpointError,
     CheckpointMismatchError,
     CheckpointMissingError,
     ConfigError,
+    NotACheckpointError,
     UnsafeCheckpointError,
 )
 from gradcam.models import build_model, file_sha256, load_model, read_checkpoint, save_checkpoint
@@ -26,8 +29,16 @@ from gradcam.preprocess import SourceImage
 SIZE = 64
 
 
-def cfg_for(path: Path, builder: str = "resnet18", layer: str = "layer4") -> ModelConfig:
-    return ModelConfig("Net", builder, path, layer, input_size=SIZE, threshold=0.5)
+def cfg_for(
+    path: Path, builder: str = "resnet18", layer: str = "layer4", config_file: str = ""
+) -> ModelConfig:
+    return ModelConfig("Net", builder, path, layer, input_size=SIZE, threshold=0.5, config_file=config_file)
+
+
+def _one_line(message: str) -> str:
+    """What a user reads: a single line (no torch advice paragraphs, no traceback)."""
+    assert "\n" not in message, message
+    return message
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +119,10 @@ def test_checkpoint_needing_unpickling_is_refused(original: nn.Module, tmp_path:
     torch.save({"model_state_dict": _state(original), "extra": Sneaky()}, path)
     with pytest.raises(UnsafeCheckpointError) as info:
         load_model(cfg_for(path))
-    message = str(info.value)
-    assert str(path) in message and "arbitrary unpickling" in message and "refused" in message
+    message = _one_line(str(info.value))
+    assert message.startswith(f"model Net: checkpoint {path} needs arbitrary unpickling (it holds ")
+    assert f"{Sneaky.__module__}.Sneaky)" in message and "refused (weights_only=True)" in message
+    assert message.endswith("re-save it as a plain state dict, torch.save(model.state_dict(), path)")
 
     whole = tmp_path / "module.pt"
     torch.save(original, whole)  # a whole pickled nn.Module
@@ -117,17 +130,81 @@ def test_checkpoint_needing_unpickling_is_refused(original: nn.Module, tmp_path:
         load_model(cfg_for(whole))
 
 
+def test_whole_torchvision_model_is_unsafe_and_names_its_class(tmp_path: Path) -> None:
+    """torch.save(model) instead of torch.save(model.state_dict()): a real pickle that needs globals, so
+    the unsafe message, naming what it holds (not "not a checkpoint")."""
+    path = tmp_path / "whole.pt"
+    torch.save(torchvision.models.resnet18(weights=None), path)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_model(cfg_for(path))
+    message = _one_line(str(info.value))
+    assert not isinstance(info.value, NotACheckpointError)
+    assert "(it holds torchvision.models.resnet.ResNet)" in message, message
+    assert str(path) in message and "torch.save(model.state_dict(), path)" in message
+
+
+NOT_A_CHECKPOINT: dict[str, tuple[bytes, str]] = {
+    "text file renamed .pt": (
+        b"these are not weights\n",
+        "neither torch.save's zip format nor a pickle: b'thes'...",
+    ),
+    "random bytes": (
+        bytes([0x13, 0x37]) + bytes(range(254)),
+        "neither torch.save's zip format nor a pickle: b'\\x137",
+    ),
+    "empty file": (b"", "an empty file"),
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_A_CHECKPOINT))
+def test_file_that_is_no_checkpoint_at_all(kind: str, tmp_path: Path) -> None:
+    content, what = NOT_A_CHECKPOINT[kind]
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    config = tmp_path / "node.toml"
+    with pytest.raises(NotACheckpointError) as info:
+        load_model(cfg_for(path, config_file=str(config)))
+    message = _one_line(str(info.value))
+    assert message.startswith(f"model Net: {path} is not a PyTorch checkpoint file ({what}"), message
+    assert message.endswith(
+        f"point `checkpoint` of [models.Net] in {config} at a checkpoint saved by `gradcam-node train` or "
+        "torch.save(model.state_dict(), path)"
+    ), message
+    assert "unpickling" not in message  # not mistaken for an unsafe checkpoint
+    with pytest.raises(NotACheckpointError):
+        read_checkpoint(path)  # the reader itself, without a model around it
+
+
+def test_damaged_zip_says_copy_it_again(original: nn.Module, tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    torch.save(original.state_dict(), good)
+    data = good.read_bytes()
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(data[: len(data) // 2])  # an interrupted copy: the zip's central directory is gone
+    with pytest.raises(CheckpointError) as info:
+        load_model(cfg_for(path))
+    assert type(info.value) is CheckpointError
+    message = _one_line(str(info.value))
+    assert message.startswith(f"model Net: checkpoint {path} is not a readable PyTorch file (")
+    assert message.endswith("): copy it again or re-save it"), message
+
+
 def test_mismatch_lists_missing_and_unexpected_keys(original: nn.Module, tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pt"
     state = _state(original)
     state["bogus.weight"] = torch.zeros(2)
     torch.save(state, path)
-    with pytest.raises(CheckpointMismatchError) as info:
-        load_model(cfg_for(path, "resnet34"))  # resnet34 has more blocks than resnet18
-    message = str(info.value)
-    assert str(path) in message
+    config = tmp_path / "node.toml"
+    with pytest.raises(CheckpointMismatchError) as info:  # resnet34 has more blocks than resnet18
+        load_model(cfg_for(path, "resnet34", config_file=str(config)))
+    message = _one_line(str(info.value))
+    assert message.startswith(f"model Net: checkpoint {path} does not fit the architecture: ")
     assert "missing keys" in message and "layer1.2.conv1.weight" in message
     assert "1 unexpected keys" in message and "bogus.weight" in message
+    assert message.endswith(
+        f"point `checkpoint` of [models.Net] in {config} at a resnet34 checkpoint or set `builder` to the "
+        "checkpoint's architecture"
+    ), message
 
 
 def test_mismatch_lists_shape_differences(tmp_path: Path) -> None:
@@ -137,15 +214,28 @@ def test_mismatch_lists_shape_differences(tmp_path: Path) -> None:
     torch.save(model.state_dict(), tmp_path / "two.pt")
     with pytest.raises(
         CheckpointMismatchError, match=r"shape mismatches.*fc\.weight \(2, 512\) != \(1, 512\)"
-    ):
+    ) as info:
         load_model(cfg_for(tmp_path / "two.pt"))
+    message = _one_line(str(info.value))
+    assert message.startswith(f"model Net: checkpoint {tmp_path / 'two.pt'} does not fit the architecture: ")
+    assert message.endswith(
+        "point `checkpoint` of [models.Net] at a resnet18 checkpoint or set `builder` to the checkpoint's "
+        "architecture"
+    ), message
 
 
 def test_missing_checkpoint_says_how_to_get_one(tmp_path: Path) -> None:
     path = tmp_path / "absent.pt"
+    config = tmp_path / "node.toml"
     with pytest.raises(CheckpointMissingError) as info:
-        load_model(cfg_for(path))
-    assert str(path) in str(info.value) and "gradcam-node train" in str(info.value)
+        load_model(cfg_for(path, config_file=str(config)))
+    assert _one_line(str(info.value)) == (
+        f"model Net: checkpoint {path} not found: train one with "
+        f"`gradcam-node train --model Net --out {path}` "
+        f"or point `checkpoint` of [models.Net] in {config} at an existing file"
+    )
+    with pytest.raises(CheckpointMissingError, match=r"--model NAME .* the model's `checkpoint` key"):
+        read_checkpoint(path)  # the reader alone: generic wording
 
 
 def test_unknown_builder_and_target_layer_are_config_errors(tmp_path: Path) -> None:

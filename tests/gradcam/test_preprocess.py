@@ -33,6 +33,7 @@ from gradcam.errors import (
     InputError,
     NoPixelDataError,
     NotAnImageError,
+    UnsupportedImageError,
     UnsupportedTransferSyntaxError,
 )
 from gradcam.preprocess import IMAGENET_MEAN, IMAGENET_STD, SourceImage, load_image, to_model_input
@@ -98,8 +99,8 @@ def save(ds: Dataset, path: Path, syntax: UID = ExplicitVRLittleEndian) -> Path:
     return path
 
 
-def load_ds(ds: Dataset, path: Path) -> np.ndarray:
-    return load_image(save(ds, path), LIMIT).pixels
+def load_ds(ds: Dataset, path: Path, **kw: int) -> np.ndarray:
+    return load_image(save(ds, path), LIMIT, **kw).pixels
 
 
 def quantise(p: np.ndarray, bits: int, dtype: type = np.uint16, offset: int = 0) -> np.ndarray:
@@ -112,7 +113,7 @@ def quantise(p: np.ndarray, bits: int, dtype: type = np.uint16, offset: int = 0)
 def test_modality_lut_then_header_window(tmp_path: Path) -> None:
     stored = np.tile(np.array([0, 100, 200, 300], np.uint16), (4, 1))
     ds = make_ds(stored, RescaleSlope=2, RescaleIntercept=-100, WindowCenter=200, WindowWidth=401)
-    image = load_image(save(ds, tmp_path / "w.dcm"), LIMIT)
+    image = load_image(save(ds, tmp_path / "w.dcm"), LIMIT, min_side=1)
     np.testing.assert_allclose(image.modality_values[0], [-100, 100, 300, 500])
     # PS3.3 C.11.2.1.2.1 LINEAR: [c - 0.5 - (w-1)/2, c - 0.5 + (w-1)/2] -> [0, 1]; here [-0.5, 399.5].
     np.testing.assert_allclose(image.pixels[0], [0.0, 100.5 / 400, 300.5 / 400, 1.0], atol=1e-6)
@@ -123,11 +124,11 @@ def test_first_of_several_windows_and_sigmoid(tmp_path: Path) -> None:
     stored = np.tile(np.array([0, 100, 200, 300], np.uint16), (4, 1))
     several = make_ds(stored, WindowCenter=[150, 20], WindowWidth=[201, 10])
     np.testing.assert_allclose(
-        load_ds(several, tmp_path / "a.dcm")[0], [0, 50.5 / 200, 150.5 / 200, 1], atol=1e-6
+        load_ds(several, tmp_path / "a.dcm", min_side=1)[0], [0, 50.5 / 200, 150.5 / 200, 1], atol=1e-6
     )
     sigmoid = make_ds(stored, WindowCenter=150, WindowWidth=200, VOILUTFunction="SIGMOID")
     expected = 1 / (1 + np.exp(-4 * (np.array([0, 100, 200, 300]) - 150) / 200))
-    np.testing.assert_allclose(load_ds(sigmoid, tmp_path / "b.dcm")[0], expected, atol=1e-6)
+    np.testing.assert_allclose(load_ds(sigmoid, tmp_path / "b.dcm", min_side=1)[0], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -217,7 +218,7 @@ def test_rgb_and_ybr_full_are_accepted(tmp_path: Path) -> None:
     colour = np.zeros((8, 8, 3), np.uint8)
     colour[:4, :, 0] = 255  # top half red, bottom half green
     colour[4:, :, 1] = 255
-    px = load_ds(make_ds(colour, "RGB"), tmp_path / "rg.dcm")
+    px = load_ds(make_ds(colour, "RGB"), tmp_path / "rg.dcm", min_side=1)
     assert px[0, 0] < px[-1, -1]
 
 
@@ -327,9 +328,12 @@ def test_png_and_jpeg(kind: str, tmp_path: Path) -> None:
 
 def test_png_colour_channel_order(tmp_path: Path) -> None:
     rgb = np.zeros((8, 8, 3), np.uint8)
-    rgb[..., 0] = 255  # pure red
-    cv2.imwrite(str(tmp_path / "red.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    np.testing.assert_allclose(load_image(tmp_path / "red.png", LIMIT).pixels, 0.299, atol=1e-3)
+    rgb[:4, :, 0] = 255  # top half pure red, bottom half pure green (one colour alone would be blank)
+    rgb[4:, :, 1] = 255
+    cv2.imwrite(str(tmp_path / "rg.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    px = load_image(tmp_path / "rg.png", LIMIT, min_side=1).pixels
+    np.testing.assert_allclose(px[:4], 0.299, atol=1e-3)
+    np.testing.assert_allclose(px[4:], 0.587, atol=1e-3)
 
 
 # --- refusals ------------------------------------------------------------------------------------
@@ -445,6 +449,163 @@ def test_corrupt_pixel_data(make: Callable[[Path], Path], tmp_path: Path) -> Non
         load_image(path, LIMIT)
     assert str(path) in str(info.value) and "cannot be decoded" in str(info.value)
     assert isinstance(info.value, InputError)
+
+
+# --- what the models may not see: pixel rules, size and blank images (gradcam.eligibility) ---------------
+
+BLANK = "blank image: every pixel has the same value after the display pipeline; nothing to analyse"
+SPECKS = "blank image: 99% of the pixels have one value after the display pipeline; nothing to analyse"
+
+
+def _refused(path: Path, reason: str, **kw: int) -> None:
+    """Loading ``path`` raises UnsupportedImageError (an InputError) saying ``path: reason``."""
+    with pytest.raises(UnsupportedImageError) as info:
+        load_image(path, LIMIT, **kw)
+    assert isinstance(info.value, InputError)
+    assert str(info.value) == f"{path}: {reason}"
+
+
+def _png(array: np.ndarray, path: Path) -> Path:
+    assert cv2.imwrite(str(path), array)
+    return path
+
+
+def test_rescale_slope_zero_is_a_blank_image(tmp_path: Path) -> None:
+    # Every stored value maps to the intercept: nothing to see, whatever the window; the reason names the
+    # likely cause.
+    reason = BLANK.replace("pipeline;", "pipeline (Rescale Slope 0?);")
+    stored = quantise(pattern(), 12)
+    for name, window in (("plain", {}), ("windowed", {"WindowCenter": 2048, "WindowWidth": 4096})):
+        ds = make_ds(stored, bits_stored=12, RescaleSlope=0, RescaleIntercept=100, **window)
+        _refused(save(ds, tmp_path / f"{name}.dcm"), reason)
+
+
+CONSTANT_DICOM: dict[str, Callable[[], Dataset]] = {
+    "zeros": lambda: make_ds(np.zeros((SIZE, SIZE), np.uint16), bits_stored=12),
+    "grey with header window": lambda: make_ds(
+        np.full((SIZE, SIZE), 1000, np.uint16), bits_stored=12, WindowCenter=1000, WindowWidth=500
+    ),
+    "MONOCHROME1 8 bit": lambda: make_ds(np.full((SIZE, SIZE), 200, np.uint8), "MONOCHROME1"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONSTANT_DICOM))
+def test_constant_dicom_is_a_blank_image(name: str, tmp_path: Path) -> None:
+    _refused(save(CONSTANT_DICOM[name](), tmp_path / "constant.dcm"), BLANK)
+
+
+def _pure_red() -> np.ndarray:
+    bgr = np.zeros((SIZE, SIZE, 3), np.uint8)
+    bgr[..., 2] = 255
+    return bgr
+
+
+CONSTANT_RASTER: dict[str, tuple[Callable[[], np.ndarray], str]] = {
+    "png black 8 bit": (lambda: np.zeros((SIZE, SIZE), np.uint8), ".png"),
+    "png grey 16 bit": (lambda: np.full((SIZE, SIZE), 40000, np.uint16), ".png"),
+    "png pure red": (_pure_red, ".png"),
+    "jpeg grey": (lambda: np.full((SIZE, SIZE), 128, np.uint8), ".jpg"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONSTANT_RASTER))
+def test_constant_png_or_jpeg_is_a_blank_image(name: str, tmp_path: Path) -> None:
+    make, suffix = CONSTANT_RASTER[name]
+    _refused(_png(make(), tmp_path / f"constant{suffix}"), BLANK)
+
+
+def _specks(value: int, speck: int, dtype: type) -> np.ndarray:
+    """A flat field with 8 bright specks (0.2 % of the pixels): a few burnt-in dots, nothing else."""
+    img = np.full((SIZE, SIZE), value, dtype)
+    img[np.arange(8) * 7 + 3, np.arange(8) * 5 + 10] = speck
+    return img
+
+
+def test_specks_on_an_empty_dicom_are_a_blank_image(tmp_path: Path) -> None:
+    # The automatic window stretches the specks to white: the range is full, yet nothing is there.
+    _refused(save(make_ds(_specks(0, 4095, np.uint16), bits_stored=12), tmp_path / "specks.dcm"), SPECKS)
+
+
+def test_specks_on_an_empty_png_are_a_blank_image(tmp_path: Path) -> None:
+    _refused(_png(_specks(30, 255, np.uint8), tmp_path / "specks.png"), SPECKS)
+
+
+def test_low_contrast_dicom_is_analysed_with_the_automatic_window(tmp_path: Path) -> None:
+    # 13 stored values in a full-range header window: less than one display grey level between darkest
+    # and brightest. Not blank: the automatic window shows what is there.
+    stored = (2000 + np.round(pattern() * 12)).astype(np.uint16)
+    windowed = make_ds(stored, bits_stored=12, WindowCenter=2048, WindowWidth=4096)
+    px = load_ds(windowed, tmp_path / "low.dcm")
+    np.testing.assert_array_equal(px, load_ds(make_ds(stored, bits_stored=12), tmp_path / "auto.dcm"))
+    assert px.min() == 0.0 and px.max() == 1.0
+
+
+def test_low_contrast_png_is_analysed(tmp_path: Path) -> None:
+    # Three grey levels only, but not one: analysed as it is (PNG/JPEG have no window).
+    grey = (100 + np.round(pattern() * 2)).astype(np.uint8)
+    assert set(np.unique(grey).tolist()) == {100, 101, 102}
+    px = load_image(_png(grey, tmp_path / "low.png"), LIMIT).pixels
+    np.testing.assert_allclose(px, grey / 255.0, atol=1e-6)
+
+
+def test_header_window_showing_nothing_falls_back_to_the_automatic_window(tmp_path: Path) -> None:
+    stored = quantise(pattern(), 12)
+    automatic = load_ds(make_ds(stored, bits_stored=12), tmp_path / "auto.dcm")
+    for name, window in (
+        ("far above", {"WindowCenter": 30000, "WindowWidth": 100}),  # every pixel below the window: black
+        ("far below", {"WindowCenter": -5000, "WindowWidth": 10}),  # every pixel above it: white
+    ):
+        px = load_ds(make_ds(stored, bits_stored=12, **window), tmp_path / f"{name}.dcm")
+        np.testing.assert_array_equal(px, automatic, err_msg=name)
+    # MONOCHROME1 is inverted after the fallback, as after any window.
+    mono1 = load_image(
+        save(make_ds(stored, "MONOCHROME1", 12, WindowCenter=30000, WindowWidth=100), tmp_path / "m1.dcm"),
+        LIMIT,
+    )
+    assert mono1.inverted
+    np.testing.assert_allclose(mono1.pixels, 1.0 - automatic, atol=1e-6)
+
+
+def test_bits_allocated_1_is_refused(tmp_path: Path) -> None:
+    ds = make_ds(quantise(pattern(), 8, np.uint8))
+    ds.BitsAllocated = ds.BitsStored = 1
+    ds.HighBit = 0
+    ds.PixelData = np.packbits(pattern() > 0.5, bitorder="little").tobytes()  # a binary mask
+    reason = "Bits Allocated 1 (a binary image, not a radiograph) is not analysed: CR/DX images have 8 or 16"
+    _refused(save(ds, tmp_path / "mask.dcm"), reason)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "dtype", "name"),
+    [
+        ("FloatPixelData", np.float32, "Float Pixel Data (7FE0,0008)"),
+        ("DoubleFloatPixelData", np.float64, "Double Float Pixel Data (7FE0,0009)"),
+    ],
+)
+def test_float_pixel_data_is_refused(keyword: str, dtype: type, name: str, tmp_path: Path) -> None:
+    ds = make_ds(quantise(pattern(), 12))
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = np.dtype(dtype).itemsize * 8
+    setattr(ds, keyword, pattern().astype(dtype).tobytes())
+    reason = f"{name} is not analysed: radiographs store integers in Pixel Data (7FE0,0010)"
+    _refused(save(ds, tmp_path / "float.dcm"), reason)
+
+
+@pytest.mark.parametrize(("side", "suffix"), [(1, ".dcm"), (32, ".dcm"), (1, ".png"), (32, ".png")])
+def test_images_smaller_than_min_side_are_refused(side: int, suffix: str, tmp_path: Path) -> None:
+    grey = quantise(pattern(side), 12) if side > 1 else np.full((1, 1), 100, np.uint16)
+    if suffix == ".dcm":
+        path = save(make_ds(grey, bits_stored=12), tmp_path / "small.dcm")
+    else:
+        path = _png((grey >> 4).astype(np.uint8), tmp_path / "small.png")
+    reason = (
+        f"image of {side} x {side} pixels is too small to be a radiograph "
+        "(at least 64 a side: [preprocess] min_side)"
+    )
+    _refused(path, reason)
+    if side > 1:  # the limit is a parameter ([preprocess] min_side)
+        assert load_image(path, LIMIT, min_side=side).pixels.shape == (side, side)
+        _refused(path, reason.replace("64 a side", f"{side + 1} a side"), min_side=side + 1)
 
 
 # --- model input ---------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 There is no Docker engine in CI, so nothing is built or started; instead every value that one file relies on
 in another (services, ports, AE titles, paths, volumes, the Lua script's location, health checks) is checked,
-and the health-check commands are run for real against local peers.
+and the health-check commands are run for real against local peers (the node's against a real node).
 """
 
 from __future__ import annotations
@@ -17,16 +17,14 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import helpers
 import pytest
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
 
 from node.config import load_settings
 from node.demo import (
     ORTHANC_CONFIG,
     ORTHANC_LUA,
     derived_node_config,
-    free_port,
     load_orthanc_config,
     local_orthanc_config,
     lua_setting,
@@ -142,9 +140,12 @@ def test_node_service_matches_docker_toml(compose: dict[str, Any], dockerfile: l
     env = dict(a.split("=", 1) for instr, a in dockerfile if instr == "ENV" and a.startswith("GRADCAM_NODE"))
     assert env == {"GRADCAM_NODE_CONFIG": config_path}
     assert settings.node.bind == "0.0.0.0"
-    assert _container_ports(svc) == {settings.node.port}
-    exposed = {int(a) for instr, a in dockerfile if instr == "EXPOSE"}
-    assert exposed == {settings.node.port}
+    # DICOM and the status page (whose /healthz the health check asks), listening on the container's
+    # addresses so that the published ports reach them
+    assert settings.http.enabled and settings.http.bind == "0.0.0.0"
+    assert _container_ports(svc) == {settings.node.port, settings.http.port}
+    exposed = {int(p) for instr, a in dockerfile if instr == "EXPOSE" for p in a.split()}
+    assert exposed == {settings.node.port, settings.http.port}
     # spool and database on the var volume
     var_target = next(t for t, (s, _) in vols.items() if not s.startswith(("./", "/")))
     var = PurePosixPath(var_target)
@@ -202,50 +203,62 @@ def test_dockerfile(dockerfile: list[tuple[str, str]]) -> None:
     assert "--index-url https://download.pytorch.org/whl/cpu" in runs and "pip install ." in runs
     copied = {shlex.split(a)[0] for a in args["COPY"]}
     assert {"config", "checkpoints", "gradcam", "node", "pyproject.toml"} <= copied
-    # weights are never downloaded: no fetch tools, no URL other than the CPU wheel index
+    # weights are never downloaded: no fetch tools, no URL other than the CPU wheel index (and the node's
+    # own /healthz on loopback, for the health check)
     text = DOCKERFILE.read_text(encoding="utf-8")
     assert not re.search(r"\b(curl|wget)\b", text)
-    assert set(re.findall(r"https?://\S+", text)) == {"https://download.pytorch.org/whl/cpu"}
+    urls = set(re.findall(r"https?://[^\s'\"]+", text))
+    assert {u for u in urls if not u.startswith("http://127.0.0.1:")} == {
+        "https://download.pytorch.org/whl/cpu"
+    }
     assert args["USER"] and args["USER"][0] != "root"
     assert args["ENTRYPOINT"] == ['["gradcam-node"]'] and args["CMD"] == ['["serve"]']
     ignored = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()}
     assert not ignored & {"config", "checkpoints", "gradcam", "node", "pyproject.toml", "README.md"}
 
 
-def test_node_healthcheck_is_the_dockerfile_one_and_echoes(
-    compose: dict[str, Any], dockerfile: list[tuple[str, str]]
+def test_ports_are_published_on_loopback_with_the_line_to_change(compose: dict[str, Any]) -> None:
+    """Nothing is reachable from the network by default; each port's line says how a site opens it."""
+    lines = COMPOSE.read_text(encoding="utf-8").splitlines()
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            host_ip, host_port, container_port = str(port).split(":")
+            assert host_ip == "127.0.0.1" and host_port == container_port, (name, port)
+            at = next(i for i, line in enumerate(lines) if f'"{port}"' in line)
+            start = at  # the comment is on the line, or in the comment lines right above it
+            while lines[start - 1].lstrip().startswith("#"):
+                start -= 1
+            comment = " ".join(line.partition("#")[2] for line in lines[start : at + 1])
+            assert "SITE" in comment, (name, port, lines[start : at + 1])
+
+
+def test_node_healthcheck_is_the_dockerfile_one_and_asks_healthz(
+    compose: dict[str, Any], dockerfile: list[tuple[str, str]], tmp_path: Path, checkpoint_root: Path
 ) -> None:
-    """The node's health check C-ECHOes the node: run it for real against a Verification SCP."""
+    """The node's health check asks its /healthz: run it for real against a running node (its status page
+    on a free port), then against the stopped node."""
     settings = load_settings(DOCKER_TOML)
     compose_code = _healthcheck_code(compose["services"][NODE_SERVICE]["healthcheck"]["test"])
     hc = next(a for i, a in dockerfile if i == "HEALTHCHECK")
     assert compose_code in hc
-    calling = re.search(r"AE\(ae_title='([^']+)'\)", compose_code)
-    assert calling and calling.group(1) in settings.node.allowed_calling_aets
-    assert f"ae_title='{settings.node.ae_title}'" in compose_code
-    assert f"'127.0.0.1', {settings.node.port}," in compose_code
+    url = f"http://127.0.0.1:{settings.http.port}/healthz"
+    assert f"'{url}'" in compose_code
 
-    port = free_port()
-    code = compose_code.replace(f"'127.0.0.1', {settings.node.port},", f"'127.0.0.1', {port},")
-    seen: list[str] = []
-
-    def on_echo(event: evt.Event) -> int:
-        seen.append(event.assoc.requestor.ae_title)
-        return 0x0000
-
-    ae = AE(ae_title=settings.node.ae_title)
-    ae.add_supported_context(Verification)
-    ae.require_called_aet = True
-    scp = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, on_echo)])
+    port = helpers.free_port()
+    code = compose_code.replace(url, f"http://127.0.0.1:{port}/healthz")
+    node = helpers.start_node(
+        tmp_path / "node",
+        helpers.checkpoints_for(checkpoint_root, ("ResNet18",)),
+        http={"enabled": True, "bind": "127.0.0.1", "port": port},
+    )
     try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        assert seen == [calling.group(1)]
+        up = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert up.returncode == 0, up.stderr
     finally:
-        scp.shutdown()
-    # and it fails when nothing answers
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1
+        assert node.stop() == 0
+    down = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert down.returncode != 0
+    assert "Connection refused" in down.stderr
 
 
 def test_orthanc_healthcheck_probes_both_ports(compose: dict[str, Any], orthanc_cfg: dict[str, Any]) -> None:

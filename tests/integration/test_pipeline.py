@@ -14,6 +14,7 @@ from pathlib import Path
 
 import helpers
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from helpers import RunningNode, dcmtk, run_tool, wait_until
@@ -398,6 +399,38 @@ def _pynetdicom_store(node: RunningNode, ds: Dataset) -> int:
     return int(status.Status)
 
 
+def _ineligible(bad: Path) -> dict[str, Path]:
+    """Inputs the rules of gradcam.eligibility refuse: from the header at reception (skipped), or once
+    decoded (a blank image: failed). DCMTK storescu sends them all as they are."""
+    rng = np.random.default_rng(80)
+    ct_as_dx = _image("ct_as_dx", 80, modality="DX", sop_class_uid=helpers.CT_SOP_CLASS)
+    tiny = helpers.image_dataset(size=1, seed=81)
+    bits1 = _image("bits1", 82)
+    bits1.BitsAllocated = bits1.BitsStored = 1
+    bits1.HighBit = 0
+    bits1.PixelData = np.packbits(rng.random((96, 96)) > 0.5, bitorder="little").tobytes()  # a mask
+    floats = _image("float", 83)
+    del floats.PixelData, floats.BitsStored, floats.HighBit, floats.PixelRepresentation
+    floats.BitsAllocated = 32
+    floats.FloatPixelData = rng.random((96, 96)).astype(np.float32).tobytes()
+    no_series = _image("no_series", 84)
+    del no_series.SeriesInstanceUID
+    slope0 = _image("slope0", 85)
+    slope0.RescaleSlope, slope0.RescaleIntercept, slope0.RescaleType = 0, 100, "US"
+    constant = _image("constant", 86)
+    constant.PixelData = np.full((96, 96), 1000, np.uint16).tobytes()
+    made = {
+        "ct_as_dx": ct_as_dx,
+        "tiny": tiny,
+        "bits1": bits1,
+        "float": floats,
+        "no_series": no_series,
+        "slope0": slope0,
+        "constant": constant,
+    }
+    return {name: helpers.write_dataset(ds, bad / f"{name}.dcm") for name, ds in made.items()}
+
+
 def _with_meta(ds: Dataset) -> Dataset:
     ds.ensure_file_meta()
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
@@ -415,6 +448,9 @@ def bad_results(pnode: RunningNode, work: Path, delivered: dict[str, list[Output
     own_seg = Path(next(o.path for o in delivered["uncompressed"] if o.kind == "heatmap"))
     res = storescu(pnode, [ct, sr, corrupt, own_sc, own_seg])
     assert res.returncode == 0, res.stdout
+    ineligible = _ineligible(bad)
+    res = storescu(pnode, list(ineligible.values()))
+    assert res.returncode == 0, res.stdout
 
     truncated = _with_meta(_image("truncated", 60))
     truncated.PixelData = truncated.PixelData[: len(truncated.PixelData) // 3]
@@ -431,6 +467,7 @@ def bad_results(pnode: RunningNode, work: Path, delivered: dict[str, list[Output
         "own_seg": pydicom.dcmread(own_seg, stop_before_pixels=True).SOPInstanceUID,
         "truncated": truncated.SOPInstanceUID,
         "huge": huge.SOPInstanceUID,
+        **{n: pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for n, p in ineligible.items()},
     }
     jobs = wait_until(
         "bad inputs to be settled", lambda: _finished(pnode, list(uids.values())), RESULT_TIMEOUT_S
@@ -448,6 +485,27 @@ def bad_results(pnode: RunningNode, work: Path, delivered: dict[str, list[Output
         ("corrupt", JobStatus.FAILED, "pixel data cannot be decoded"),
         ("truncated", JobStatus.FAILED, "less than expected"),
         ("huge", JobStatus.FAILED, "60000x60000"),
+        # the rules of gradcam.eligibility: from the header at reception...
+        (
+            "ct_as_dx",
+            JobStatus.SKIPPED,
+            "ct image storage (1.2.840.10008.5.1.4.1.1.2) is not a cr or dx image",
+        ),
+        ("tiny", JobStatus.SKIPPED, "image of 1 x 1 pixels is too small to be a radiograph"),
+        ("bits1", JobStatus.SKIPPED, "bits allocated 1 (a binary image, not a radiograph) is not analysed"),
+        ("float", JobStatus.SKIPPED, "float pixel data (7fe0,0008) is not analysed"),
+        ("no_series", JobStatus.SKIPPED, "missing series instance uid (0020,000e)"),
+        # ... and once decoded: nothing to see
+        (
+            "slope0",
+            JobStatus.FAILED,
+            "blank image: every pixel has the same value after the display pipeline (rescale slope 0?)",
+        ),
+        (
+            "constant",
+            JobStatus.FAILED,
+            "blank image: every pixel has the same value after the display pipeline;",
+        ),
     ],
 )
 def test_bad_input_is_recorded_with_reason(

@@ -154,6 +154,18 @@ def test_ct_and_sr_are_stored_and_skipped(node: RunningNode, dicom_files: MakeFi
     assert "skipped: modality CT is not CR/DX" in node.log_text()
 
 
+def test_configured_minimum_size_applies_at_reception(
+    node_factory: NodeFactory, dicom_files: MakeFile
+) -> None:
+    node = node_factory(preprocess={"min_side": 100})
+    small, large = dicom_files("small", size=96, seed=7), dicom_files("large", size=128, seed=8)
+    assert storescu(node, small, large).returncode == 0
+    _, job = _instance(node, pydicom.dcmread(small).SOPInstanceUID)
+    assert job.status == JobStatus.SKIPPED and "at least 100 a side" in (job.reason or ""), job.reason
+    _, job = _instance(node, pydicom.dcmread(large).SOPInstanceUID)
+    assert job.status != JobStatus.SKIPPED, job.reason
+
+
 def test_caller_not_allowed_is_rejected(node_factory: NodeFactory, dicom_files: MakeFile) -> None:
     node = node_factory(node={"allowed_calling_aets": ["MODALITY"]})
     ds_path = dicom_files("dx", seed=5)
@@ -166,6 +178,29 @@ def test_caller_not_allowed_is_rejected(node_factory: NodeFactory, dicom_files: 
     assert "Calling AE title not recognised" in (rejected[0].reason or "")
     assert storescu(node, ds_path, calling="MODALITY").returncode == 0
     assert _counts(node) == (1, 1)
+
+
+def test_wrong_called_ae_title_is_rejected(node: RunningNode) -> None:
+    """A peer that calls another AE title has the wrong node (or a typo): refused, logged and recorded."""
+    res = run_tool([dcmtk("echoscu"), "-aec", "WRONG", "-aet", "TYPO", "127.0.0.1", str(node.port)])
+    assert res.returncode != 0, res.stdout
+    assert "Called AE Title Not Recognized" in res.stdout, res.stdout
+    pattern = (
+        r"association rejected from TYPO \(127\.0\.0\.1:\d+\): "
+        rf"called AE title 'WRONG' is not this node's \({node.ae_title}\)"
+    )
+    wait_until("the rejection in the log", lambda: re.search(pattern, node.log_text()), 10)
+    rows = wait_until(
+        "the rejected association row",
+        lambda: [a for a in _associations(node) if a.calling_ae == "TYPO"],
+        10,
+    )
+    assert len(rows) == 1 and rows[0].status is AssociationStatus.REJECTED
+    assert (rows[0].called_ae, rows[0].peer_host) == ("WRONG", "127.0.0.1")
+    assert rows[0].reason == f"called AE title 'WRONG' is not this node's ({node.ae_title})"
+    # the right called AE title still works, from the same caller
+    res = run_tool([dcmtk("echoscu"), "-aec", node.ae_title, "-aet", "TYPO", "127.0.0.1", str(node.port)])
+    assert res.returncode == 0, res.stdout
 
 
 def test_low_disk_space_is_out_of_resources(node_factory: NodeFactory, dicom_files: MakeFile) -> None:

@@ -165,9 +165,11 @@ def test_migrations_give_the_models_schema(tmp_path: Path) -> None:
     reference = create_engine(_url(tmp_path / "create_all.db"))
     Base.metadata.create_all(reference)
     migrated, made = _schema(engine), _schema(reference)
-    # The one difference: ADD COLUMN appends, so outputs.instance_number and supersedes come after path
-    # and created_at in a migrated database (as they will on PostgreSQL); nothing uses column positions.
-    assert [c[0] for c in migrated["outputs"]["columns"]][-2:] == ["instance_number", "supersedes"]
+    # The one difference: ADD COLUMN appends, so outputs.instance_number and supersedes (0002) come after
+    # path and created_at in a migrated database (as they will on PostgreSQL), and purged_at (0003) after
+    # them; nothing uses column positions.
+    added = ["instance_number", "supersedes", "purged_at"]
+    assert [c[0] for c in migrated["outputs"]["columns"]][-3:] == added
     for schema in (migrated, made):
         schema["outputs"]["columns"].sort()
     assert migrated == made
@@ -185,11 +187,14 @@ def test_database_before_migrations_is_upgraded_in_place(tmp_path: Path, make_le
     create_schema(engine)
 
     assert _version(path) == migrations.head()
-    for table in ("associations", "instances", "results", "sends", "send_attempts"):
+    for table in ("associations", "results", "sends", "send_attempts"):
         assert _dump(path, table) == before[table]
+    assert _dump(path, "instances") == [row + (None,) for row in before["instances"]]  # + purged_at
     assert _dump(path, "jobs") == [row + (None,) for row in before["jobs"]]  # + content_key
-    assert _dump(path, "outputs") == [row + (None, None) for row in before["outputs"]]  # + number, supersedes
+    # + instance_number, supersedes, purged_at
+    assert _dump(path, "outputs") == [row + (None, None, None) for row in before["outputs"]]
     assert _dump(path, "node_settings") == []
+    assert _dump(path, "operations") == []
     assert _schema_of(path) == _schema_of(_create_schema_on_empty(tmp_path / "fresh.db"))
     output = (
         "INSERT INTO outputs (job_id, kind, sop_class_uid, sop_instance_uid, series_instance_uid, path,"
@@ -307,3 +312,36 @@ def test_postgresql_sql_renders_offline() -> None:
     assert "ALTER TABLE outputs ADD CONSTRAINT uq_outputs_job_sop UNIQUE (job_id, sop_instance_uid);" in sql
     assert "CREATE TABLE node_settings" in sql
     assert "UPDATE alembic_version SET version_num='0002'" in sql
+    assert "ALTER TABLE instances ADD COLUMN purged_at TIMESTAMP WITH TIME ZONE;" in sql
+    assert "ALTER TABLE outputs ADD COLUMN purged_at TIMESTAMP WITH TIME ZONE;" in sql
+    assert "CREATE TABLE operations" in sql
+    assert "UPDATE alembic_version SET version_num='0003'" in sql
+
+
+def test_revision_0002_database_keeps_its_rows_through_0003_and_back(tmp_path: Path) -> None:
+    """A database of revision 0002 with rows: 0003 adds empty purge times and the operations table; the
+    downgrade gives 0002's schema back, rows included."""
+    path = _with_rows(_legacy_from_ddl(tmp_path / "node.db"))
+    engine = make_engine(_url(path))
+    migrations.upgrade(engine, "0002")
+    engine.dispose()
+    at_0002 = {table: _dump(path, table) for table in migrations.BASELINE_TABLES}
+    schema_0002 = _schema_of(path)
+
+    engine = make_engine(_url(path))
+    create_schema(engine)
+    assert _version(path) == migrations.head() == "0003"
+    assert _dump(path, "instances") == [row + (None,) for row in at_0002["instances"]]
+    assert _dump(path, "outputs") == [row + (None,) for row in at_0002["outputs"]]
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO operations (at, command, arguments, actor, summary, detail)"
+            " VALUES ('2024-06-01 00:00:00', 'purge', '--older-than 30', 'ops', '1 file', 'x')"
+        )
+        conn.exec_driver_sql("UPDATE instances SET purged_at = '2024-06-01 00:00:00'")
+    with migrations.migrating(engine) as conn:
+        command.downgrade(migrations.config(conn), "0002")
+    engine.dispose()
+    assert _version(path) == "0002"
+    assert _schema_of(path) == schema_0002
+    assert {table: _dump(path, table) for table in migrations.BASELINE_TABLES} == at_0002

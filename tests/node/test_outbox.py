@@ -417,6 +417,136 @@ def test_echo_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         scp.stop()
 
 
+def _echo_settings(tmp_path: Path, host: str, port: int) -> Settings:
+    """Destination ``pacs`` at ``host:port``; acse_timeout_s=1 (also the connect timeout): fast failures."""
+    settings = _settings(tmp_path, port)
+    return replace(
+        settings,
+        node=replace(settings.node, acse_timeout_s=1),
+        destinations=(Destination("pacs", "PACS", host, port),),
+    )
+
+
+def _echo_failure(settings: Settings, capsys: pytest.CaptureFixture[str]) -> str:
+    """The reason ``gradcam-node echo pacs`` prints after FAILED (exit code 1, one line)."""
+    assert echo_command(settings, "pacs") == 1
+    out = capsys.readouterr().out
+    dest = settings.destinations[0]
+    prefix = f"pacs (PACS@{dest.host}:{dest.port}): FAILED: "
+    assert out.startswith(prefix) and out.endswith("\n") and out.count("\n") == 1, out
+    return out[len(prefix) : -1]
+
+
+class _RawPeer:
+    """A plain TCP server on loopback that is no DICOM node: each connection gets ``answer`` (then is
+    closed), or nothing at all and stays open until :meth:`stop` when ``answer`` is None."""
+
+    def __init__(self, answer: bytes | None) -> None:
+        self.answer = answer
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.05)  # accept() does not wake up when another thread closes the socket
+        self.port = self.server.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            if self.answer is None:
+                self.held.append(conn)  # silent: never answers, never closes
+                continue
+            with conn:
+                conn.settimeout(5)
+                conn.recv(1024)  # the A-ASSOCIATE-RQ (or part of it)
+                if self.answer:
+                    conn.sendall(self.answer)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_echo_to_an_unknown_host_names_the_destination(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = _echo_settings(tmp_path, "no-such-host.invalid", 104)
+    reason = _echo_failure(settings, capsys)
+    assert reason.startswith("cannot resolve host 'no-such-host.invalid': "), reason
+    assert reason.endswith(f": check the host of [[destinations]] 'pacs' in {settings.path}"), reason
+    assert "Errno" not in reason
+
+
+@pytest.mark.parametrize(
+    "answer", [b"", b"HTTP/1.1 400 Bad Request\r\n\r\n"], ids=["closes", "answers garbage"]
+)
+def test_echo_to_a_peer_that_does_not_speak_dicom(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], answer: bytes
+) -> None:
+    peer = _RawPeer(answer)
+    try:
+        t0 = time.monotonic()
+        reason = _echo_failure(_echo_settings(tmp_path, "127.0.0.1", peer.port), capsys)
+        assert time.monotonic() - t0 < 0.9  # said at once, not after the timeout
+    finally:
+        peer.stop()
+    assert reason == (
+        f"connected to 127.0.0.1:{peer.port}, but the association was aborted during negotiation: the peer "
+        "closed the connection or does not speak DICOM on this port"
+    )
+
+
+def test_echo_to_a_silent_peer_is_a_timeout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    peer = _RawPeer(None)
+    try:
+        reason = _echo_failure(_echo_settings(tmp_path, "127.0.0.1", peer.port), capsys)
+    finally:
+        peer.stop()
+    assert reason == (
+        f"connected to 127.0.0.1:{peer.port}, but no answer to the association request within 1 s "
+        "(acse_timeout_s): is it a DICOM node, and is the port the right one?"
+    )
+
+
+def test_echo_to_a_host_that_never_answers_the_handshake(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A firewall that drops packets, on loopback: a listening socket whose accept queue (backlog 0) is
+    already full, so the kernel drops further SYNs and the connection attempt times out."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = server.getsockname()[1]
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(8):  # connect until one does not get through: then the queue is full
+            client = socket.socket()
+            client.settimeout(0.3)
+            fillers.append(client)
+            try:
+                client.connect(("127.0.0.1", port))
+            except TimeoutError:
+                break
+        else:
+            pytest.skip("the kernel does not drop SYNs to a full accept queue here")
+        t0 = time.monotonic()
+        reason = _echo_failure(_echo_settings(tmp_path, "127.0.0.1", port), capsys)
+        assert time.monotonic() - t0 < 5
+    finally:
+        for client in fillers:
+            client.close()
+        server.close()
+    assert reason == (
+        f"cannot connect to 127.0.0.1:{port}: no answer within 1 s (acse_timeout_s): is the host up and "
+        "the port open (firewall)?"
+    )
+
+
 # --- the worker: claim -> analyse -> outputs -> results, outputs and send in one transaction ------------
 
 

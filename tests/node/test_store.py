@@ -160,3 +160,17 @@ def test_received_again_is_only_counted_without_a_content_key_or_when_skipped(
     assert skipped.job_status is JobStatus.SKIPPED
     assert current.store(_rec("1.2.4", analysable=False), b"CT").job_id is None
     assert _counts(sessions) == (2, 2)
+
+
+def test_received_again_after_a_purge_gets_its_file_back(tmp_path: Path, sessions) -> None:
+    from datetime import UTC, datetime
+
+    store = InstanceStore(tmp_path / "spool", sessions, JobSignal(), 0, content_key="k")
+    first = store.store(_rec(), b"DATA1")
+    first.path.unlink()  # what purge does to the file, keeping the row
+    with sessions.begin() as s:
+        s.get(Instance, first.instance_id).purged_at = datetime.now(UTC)
+    again = store.store(_rec(), b"DATA1")
+    assert again.outcome == "duplicate" and first.path.read_bytes() == b"DATA1"
+    with sessions() as s:
+        assert s.get(Instance, first.instance_id).purged_at is None

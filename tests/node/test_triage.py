@@ -10,7 +10,7 @@ from tests import helpers
 
 
 def _img(**kw) -> Dataset:
-    return helpers.image_dataset(size=8, **kw)
+    return helpers.image_dataset(size=64, **kw)  # [preprocess] min_side is 64 by default
 
 
 @pytest.mark.parametrize(
@@ -84,5 +84,23 @@ def test_own_outputs_recognised_by_outputs_module() -> None:
 def test_header_only_no_pixel_decoding() -> None:
     # Pixel data that cannot be decoded does not matter to triage: it reads the header only.
     ds = _img()
-    ds.PixelData = b"\x00"  # far too short for 8x8x16 bits
+    ds.PixelData = b"\x00"  # far too short for 64x64x16 bits
     assert triage(ds) == (True, None)
+
+
+def test_size_comes_from_the_header_and_min_side_is_honoured() -> None:
+    small = helpers.image_dataset(size=32)
+    too_small = (
+        "image of 32 x 32 pixels is too small to be a radiograph (at least 64 a side: [preprocess] min_side)"
+    )
+    assert triage(small) == (False, too_small)
+    assert triage(small, min_side=32) == (True, None)
+    assert triage(_img(), min_side=65)[1] == too_small.replace("32 x 32", "64 x 64").replace("64 a", "65 a")
+    # Rows and Columns decide, not the pixel data (never decoded at store time): a header saying
+    # 2000 x 1500 is large enough whatever its pixel data, one saying 40 rows is not.
+    ds = _img()
+    ds.Rows, ds.Columns = 2000, 1500
+    ds.PixelData = b""
+    assert triage(ds) == (True, None)
+    ds.Rows = 40
+    assert triage(ds) == (False, too_small.replace("32 x 32", "1500 x 40"))
