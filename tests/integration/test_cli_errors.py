@@ -135,6 +135,26 @@ def test_file_that_is_no_database(tmp_path: Path, resnet: Path) -> None:
     )
 
 
+def test_database_another_program_keeps_locked(tmp_path: Path, resnet: Path) -> None:
+    """Another process holds the SQLite file locked past the busy timeout (30 s): one line, exit 1."""
+    import sqlite3
+
+    db = tmp_path / "node.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("CREATE TABLE other_program (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        cfg = _config(tmp_path, {"ResNet18": resnet})
+        line = _one_error(_cli("--config", cfg, "serve", timeout=120))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert line == (
+        f"database sqlite:///{db} cannot be used: database is locked: another program holds it locked "
+        "(another gradcam-node?): stop it, then start again"
+    )
+
+
 def test_database_in_a_folder_that_cannot_be_made(tmp_path: Path, resnet: Path) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should be", encoding="utf-8")
