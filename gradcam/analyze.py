@@ -44,9 +44,9 @@ import numpy as np
 
 from gradcam.analysis import Analyzer
 from gradcam.config import CoreConfig
-from gradcam.eligibility import ACCEPTED, check_dataset, check_size
-from gradcam.errors import InputError, NotAnImageError
-from gradcam.preprocess import SourceImage, load_dataset_image, load_image, raster_size, read_dicom
+from gradcam.eligibility import ACCEPTED, check_dataset, check_pixel_encoding, check_size
+from gradcam.errors import InputError, NotAnImageError, UnsupportedImageError
+from gradcam.preprocess import SourceImage, load_dataset_image, load_raster, raster_size, read_dicom
 from gradcam.render import render_overlay, render_summary
 from gradcam.results import DISCLAIMER, AnalysisResult
 
@@ -138,6 +138,10 @@ def _open(cfg: CoreConfig, path: Path, force: bool) -> SourceImage | str:
         raise NotAnImageError(f"{path}: no such file")
     ds = read_dicom(path)
     if ds is not None:
+        # an encoding no model can read is a load failure with or without --force, never a skip
+        encoding = check_pixel_encoding(ds)
+        if not encoding.ok:
+            raise UnsupportedImageError(f"{path}: {encoding.reason}")
         verdict = ACCEPTED if force else check_dataset(ds, pre.min_side)
         if not verdict.ok:
             return str(verdict.reason)
@@ -145,7 +149,7 @@ def _open(cfg: CoreConfig, path: Path, force: bool) -> SourceImage | str:
     verdict = ACCEPTED if force else check_size(*raster_size(path), pre.min_side)
     if not verdict.ok:
         return str(verdict.reason)
-    return load_image(path, pre.max_pixels, min_side=min_side)
+    return load_raster(path, pre.max_pixels, min_side)
 
 
 class _Progress:

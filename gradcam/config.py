@@ -236,7 +236,7 @@ def parse_core(path: Path, data: Mapping[str, Any]) -> CoreConfig:
     pre = root.table_of("preprocess", {})
     preprocess = PreprocessConfig(
         max_pixels=pre.int("max_pixels", 60_000_000, lo=1),
-        min_side=pre.int("min_side", 64, lo=1, hi=65535),
+        min_side=pre.int("min_side", PreprocessConfig.min_side, lo=1, hi=65535),
     )
     pre.finish()
 

@@ -34,7 +34,12 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+)
 
 from gradcam.config import PreprocessConfig
 
@@ -55,11 +60,13 @@ __all__ = [
     "BITS_ALLOCATED",
     "DEFAULT_MIN_SIDE",
     "BLANK_RANGE",
+    "UID_RE",
+    "valid_uid",
 ]
 
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+CR_IMAGE_STORAGE = str(ComputedRadiographyImageStorage)
+DX_FOR_PRESENTATION = str(DigitalXRayImageStorageForPresentation)
+DX_FOR_PROCESSING = str(DigitalXRayImageStorageForProcessing)
 ANALYSED_SOP_CLASSES = frozenset({CR_IMAGE_STORAGE, DX_FOR_PRESENTATION})
 ANALYSED_MODALITIES = frozenset({"CR", "DX"})
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX"})
@@ -76,8 +83,10 @@ _FLOAT_PIXELS = {
     "FloatPixelData": "Float Pixel Data (7FE0,0008)",
     "DoubleFloatPixelData": "Double Float Pixel Data (7FE0,0009)",
 }
-# Lenient like node.spool: components with leading zeros are invalid but common, and harmless here.
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+# Digits and dots, 1-64 characters. Lenient: components with leading zeros are invalid but common, and
+# harmless here (a UID names spool files: node.spool uses the same check).
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID_MAX = 64
 _REQUIRED_UIDS = (
     ("SOPInstanceUID", "SOP Instance UID (0008,0018)"),
     ("StudyInstanceUID", "Study Instance UID (0020,000D)"),
@@ -175,13 +184,18 @@ def _check_kind(ds: Dataset) -> Verdict:
     return ACCEPTED
 
 
+def valid_uid(uid: object) -> bool:
+    """True for a syntactically valid DICOM UID (``^[0-9]+(\\.[0-9]+)*$``, 1-64 characters)."""
+    return isinstance(uid, str) and 0 < len(uid) <= _UID_MAX and UID_RE.fullmatch(uid) is not None
+
+
 def _check_uids(ds: Dataset) -> Verdict:
     """Rule 5: the outputs reference study, series and instance, so all three must be there."""
     for keyword, name in _REQUIRED_UIDS:
         value = _text(ds, keyword)
         if not value:
             return _missing(name)
-        if len(value) > 64 or _UID.fullmatch(value) is None:
+        if not valid_uid(value):
             return Verdict.refuse(f"invalid {name} {value[:70]!r}: not a DICOM UID")
     return ACCEPTED
 

@@ -10,12 +10,12 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
+from gradcam.eligibility import CR_IMAGE_STORAGE, DX_FOR_PRESENTATION
 from gradcam.phantoms import Phantom, phantom_uid
 
 __all__ = ["phantom_dataset", "header_variant", "write_dicom", "DX_FOR_PRESENTATION", "CR_IMAGE"]
 
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+CR_IMAGE = CR_IMAGE_STORAGE
 _BASE_DATE = dt.date(2025, 1, 6)
 
 

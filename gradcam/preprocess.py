@@ -39,6 +39,7 @@ from gradcam.errors import (
 __all__ = [
     "SourceImage",
     "load_image",
+    "load_raster",
     "load_dataset_image",
     "read_dicom",
     "raster_size",
@@ -268,7 +269,8 @@ def raster_size(path: Path) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
-def _load_raster(path: Path, max_pixels: int, min_side: int) -> SourceImage:
+def load_raster(path: Path, max_pixels: int, min_side: int) -> SourceImage:
+    """Load a PNG or JPEG file (8 or 16 bit; grey, RGB or RGBA); limits as in :func:`load_dataset_image`."""
     rows, cols = raster_size(path)
     _check_size(rows, cols, max_pixels, min_side, str(path))
     buf = np.fromfile(path, dtype=np.uint8)
@@ -293,7 +295,7 @@ def load_image(path: Path, max_pixels: int, *, min_side: int = DEFAULT_MIN_SIDE)
     ds = read_dicom(path)
     if ds is not None:
         return load_dataset_image(ds, max_pixels, str(path), min_side=min_side)
-    return _load_raster(path, max_pixels, min_side)
+    return load_raster(path, max_pixels, min_side)
 
 
 def _window(values: np.ndarray, window: Window, inverted: bool) -> np.ndarray:

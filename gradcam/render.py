@@ -381,8 +381,7 @@ def render_summary(
         uint8 RGB, C-contiguous: a header with the consensus in large type, the panels (each titled with
         its model's decision, its colour bar below), and a footer with the disclaimer.
     """
-    scale = _PANEL_SIDE / max(image.height, image.width)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    size = _overlay_size(image.height, image.width, _PANEL_SIDE)
     body = _panel_row(_resized(image.pixels, size), analysis, cfg, negative_maps)
 
     width = body.shape[1]

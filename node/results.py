@@ -93,26 +93,31 @@ def predecessor_of(session: Session, job_id: int, content_key: str) -> Dataset |
 
 def instance_numbers(session: Session, planned: Iterable[Planned]) -> dict[str, int]:
     """An Instance Number for each planned output, unique within its series across the study's images:
-    the number an identical output (same UID) already has, else the next free one in the series."""
+    the number an identical output (same UID) already has, else the next free one in the series.
+
+    Two queries whatever the number of outputs: the known numbers of these UIDs, the highest per series.
+    """
+    planned = list(planned)
+    known = dict(
+        session.execute(
+            select(Output.sop_instance_uid, func.max(Output.instance_number))
+            .where(Output.sop_instance_uid.in_([p.sop_uid for p in planned]))
+            .group_by(Output.sop_instance_uid)
+        ).all()
+    )
+    top = dict(
+        session.execute(
+            select(Output.series_instance_uid, func.max(Output.instance_number))
+            .where(Output.series_instance_uid.in_({p.series_uid for p in planned}))
+            .group_by(Output.series_instance_uid)
+        ).all()
+    )
     numbers: dict[str, int] = {}
-    top: dict[str, int] = {}
     for p in planned:
-        known = session.scalar(
-            select(Output.instance_number)
-            .where(Output.sop_instance_uid == p.sop_uid, Output.instance_number.is_not(None))
-            .limit(1)
-        )
-        if known is not None:
-            numbers[p.sop_uid] = int(known)
+        if known.get(p.sop_uid) is not None:
+            numbers[p.sop_uid] = int(known[p.sop_uid])
             continue
-        if p.series_uid not in top:
-            top[p.series_uid] = int(
-                session.scalar(
-                    select(func.max(Output.instance_number)).where(Output.series_instance_uid == p.series_uid)
-                )
-                or 0
-            )
-        top[p.series_uid] += 1
+        top[p.series_uid] = int(top.get(p.series_uid) or 0) + 1
         numbers[p.sop_uid] = top[p.series_uid]
     return numbers
 

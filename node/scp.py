@@ -51,6 +51,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import sessionmaker
 
+from gradcam.eligibility import DEFAULT_MIN_SIDE
 from node.config import NodeConfig
 from node.db import AssociationStatus, utcnow
 from node.queue import JobSignal
@@ -64,7 +65,7 @@ from node.store import (
     StoreOutcome,
 )
 from node.tls import start_tls_server
-from node.triage import DEFAULT_MIN_SIDE, triage
+from node.triage import triage
 
 __all__ = [
     "TRANSFER_SYNTAXES",

@@ -158,6 +158,14 @@ def _not_established(
     return f"no association with {host}:{port} (no answer to the association request)"
 
 
+def _connect_error(exc: OSError, settings: Settings, name: str, host: str, port: int) -> str:
+    """What ``ae.associate`` raising means: pynetdicom resolves the host name before it connects."""
+    if isinstance(exc, socket.gaierror):
+        where = f"the host of [[destinations]] {name!r} in {settings.path}"
+        return f"cannot resolve host {host!r}: {exc.strerror or exc}: check {where}"
+    return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+
+
 def _tls_args(settings: Settings, name: str, host: str) -> tuple[ClientContext, str] | None:
     """pynetdicom's ``tls_args`` for the destination called ``name`` (a fresh context: its files are read
     again, so a renewed certificate needs no restart); None for plain DICOM. Raises :class:`ConfigError`."""
@@ -266,9 +274,13 @@ class Link:
         except ConfigError as exc:  # a TLS file gone or replaced by a bad one since the start
             self.error = f"TLS configuration: {exc}"
             return
-        self.assoc = ae.associate(
-            work.host, work.port, ae_title=work.ae_title, max_pdu=settings.node.max_pdu, tls_args=tls
-        )
+        try:
+            self.assoc = ae.associate(
+                work.host, work.port, ae_title=work.ae_title, max_pdu=settings.node.max_pdu, tls_args=tls
+            )
+        except OSError as exc:  # an unresolvable host: a failed attempt like any other, not a stuck send
+            self.error = _connect_error(exc, settings, work.destination, work.host, work.port)
+            return
         if self.assoc.is_established:
             _prompt_tcp(self.assoc)
         else:
@@ -529,11 +541,8 @@ def echo(settings: Settings, dest: Destination) -> tuple[bool, str, float]:
             tls_args=tls,
             evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: opened.append(True))],
         )
-    except socket.gaierror as exc:  # pynetdicom resolves the host name before it connects
-        where = f"the host of [[destinations]] {dest.name!r} in {settings.path}"
-        return False, f"cannot resolve host {dest.host!r}: {exc.strerror or exc}: check {where}", 0.0
     except OSError as exc:
-        return False, f"cannot connect to {dest.host}:{dest.port}: {exc.strerror or exc}", 0.0
+        return False, _connect_error(exc, settings, dest.name, dest.host, dest.port), 0.0
     if not assoc.is_established:
         failure = _tls_failure(tls, dest.name, dest.host, dest.port)
         if failure:

@@ -13,9 +13,10 @@ the whole new one, never a torn one.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 from pathlib import Path
+
+from gradcam.eligibility import UID_RE, valid_uid
 
 __all__ = [
     "InvalidUIDError",
@@ -27,17 +28,9 @@ __all__ = [
     "free_bytes",
 ]
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_UID_MAX = 64
-
 
 class InvalidUIDError(ValueError):
     """A UID that is not a valid DICOM UID (digits and dots, at most 64 characters)."""
-
-
-def valid_uid(uid: object) -> bool:
-    """True for a syntactically valid DICOM UID (``^[0-9]+(\\.[0-9]+)*$``, 1-64 characters)."""
-    return isinstance(uid, str) and 0 < len(uid) <= _UID_MAX and UID_RE.fullmatch(uid) is not None
 
 
 def _check(name: str, uid: object) -> str:

@@ -173,11 +173,11 @@ def tls_args(tls: DestinationTls, host: str) -> tuple[ClientContext, str]:
 
 def check_files(settings: Settings) -> None:
     """Read every TLS file of the configuration (the SCP's and each destination's): raises
-    :class:`ConfigError` naming the key and the file at fault; logs a warning for a certificate that has
-    expired or expires within two weeks."""
+    :class:`ConfigError` naming the key and the file at fault; logs a warning for a destination's client
+    certificate that has expired or expires within two weeks (the node's own is told when its server starts,
+    :func:`start_tls_server`: once)."""
     if settings.node.tls is not None:
         server_context(settings.node.tls)
-        _warn_expiry(settings.node.tls.certificate, "node.tls.certificate")
     for dest in settings.destinations:
         if dest.tls is not None:
             client_context(dest.tls)

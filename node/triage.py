@@ -15,15 +15,9 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from gradcam.eligibility import (
-    ANALYSED_MODALITIES,
-    CHEST_BODY_PARTS,
-    DEFAULT_MIN_SIDE,
-    FRONTAL_VIEWS,
-    check_dataset,
-)
+from gradcam.eligibility import DEFAULT_MIN_SIDE, check_dataset
 
-__all__ = ["triage", "is_own_output", "ANALYSED_MODALITIES", "CHEST_BODY_PARTS", "FRONTAL_VIEWS"]
+__all__ = ["triage", "is_own_output"]
 
 log = logging.getLogger(__name__)
 

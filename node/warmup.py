@@ -6,11 +6,11 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
+from gradcam.eligibility import DX_FOR_PRESENTATION
 from node.outputs.uids import derive_uid
 
 __all__ = ["warm_up_source"]
 
-_DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 _SIZE = 64
 
 
@@ -19,7 +19,7 @@ def warm_up_source() -> Dataset:
     rows = np.linspace(0, 4095, _SIZE, dtype=np.float32)
     pixels = (np.add.outer(rows, rows) / 2).astype(np.uint16)
     ds = Dataset()
-    ds.SOPClassUID = _DX_FOR_PRESENTATION
+    ds.SOPClassUID = DX_FOR_PRESENTATION
     ds.SOPInstanceUID = derive_uid("gradcam-node", "warm-up", "image")
     ds.StudyInstanceUID = derive_uid("gradcam-node", "warm-up", "study")
     ds.SeriesInstanceUID = derive_uid("gradcam-node", "warm-up", "series")

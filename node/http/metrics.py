@@ -276,7 +276,8 @@ class NodeCollector:
         jobs = HistogramMetricFamily(
             P + "job_duration_seconds", "Time from claim to results committed, per done job"
         )
-        for _, buckets, total in _histogram(s, Job.duration_ms, JOB_BUCKETS_S, None):
+        done = Job.status == JobStatus.DONE  # failed and retried jobs have a duration too
+        for _, buckets, total in _histogram(s, Job.duration_ms, JOB_BUCKETS_S, None, done):
             jobs.add_metric([], buckets, total)
         yield jobs
         per_model = HistogramMetricFamily(

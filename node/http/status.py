@@ -173,7 +173,7 @@ def _thumbnails(s: Session, job_ids: list[int]) -> dict[int, int]:
         return {}
     rows = s.execute(
         select(Output.job_id, Output.kind, Output.id)
-        .where(Output.job_id.in_(job_ids), Output.kind.in_(THUMBNAIL_KINDS))
+        .where(Output.job_id.in_(job_ids), Output.kind.in_(THUMBNAIL_KINDS), Output.purged_at.is_(None))
         .order_by(Output.id)
     ).all()
     chosen: dict[int, tuple[int, int]] = {}  # job -> (rank of the kind, output id)
@@ -225,7 +225,7 @@ def job_detail(s: Session, job_id: int) -> dict[str, Any] | None:
     record = job_record(job)
     for shown, row in zip(record["outputs"], job.outputs, strict=True):
         shown["id"] = row.id
-        shown["thumbnail"] = row.id if row.kind in THUMBNAIL_KINDS else None
+        shown["thumbnail"] = row.id if row.kind in THUMBNAIL_KINDS and row.purged_at is None else None
     for shown, send in zip(record["sends"], job.sends, strict=True):
         shown.update(ae_title=send.ae_title, host=send.host, port=send.port)
         shown["attempts_log"] = [

@@ -234,6 +234,7 @@ class _Purger:
 
     def outputs(self, cutoff: datetime) -> None:
         last = 0
+        paths: dict[str, bool] = {}  # over all chunks: a dry run marks nothing, so later ones see them again
         while True:
             with self.sessions.begin() as s:
                 rows = s.execute(
@@ -242,7 +243,6 @@ class _Purger:
                     .order_by(Output.id)
                     .limit(_CHUNK)
                 ).all()
-                paths: dict[str, bool] = {}
                 for row_id, path, job_id, kind, created_at in rows:
                     last = row_id
                     if path in paths:
@@ -319,7 +319,7 @@ def purge(
     purger.stop = stop
     received = now - timedelta(days=rules.received_days) if rules.received_days else None
     outputs = now - timedelta(days=rules.outputs_days) if rules.outputs_days else None
-    old_before = purger.count_old(received, outputs)
+    old_before = purger.count_old(received, outputs) if dry_run else 0  # a real run counts after
     if received is not None:
         purger.received(received)
     if outputs is not None and not purger.stopping():

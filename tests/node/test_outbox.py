@@ -900,3 +900,31 @@ def test_a_destination_without_segmentation_still_gets_the_rest(
         sender.stop()
         sender.join(10)
         scp.stop()
+
+
+def test_a_destination_host_that_does_not_resolve_is_a_failed_attempt(
+    factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """pynetdicom resolves the host inside associate(): the send is retried with the reason, never left
+    'sending' until a restart."""
+    port = _free_port()
+    settings = _settings(tmp_path, port, OutboxConfig(max_attempts=20, backoff_initial_s=5.0))
+    send_id = _send(factory, port=port, host="no-such-host.invalid")
+    _add_sc_output(factory, send_id, tmp_path / "sc.dcm", _sc_file(tmp_path / "sc.dcm"))
+    signal = JobSignal()
+    sender = Sender(settings, factory, signal)
+    sender.start()
+    try:
+        signal.notify()
+
+        def failed() -> list[SendAttempt]:
+            with factory() as s:
+                return s.scalars(select(SendAttempt).where(SendAttempt.send_id == send_id)).all()
+
+        _wait_for(lambda: len(failed()) >= 1)
+        (attempt,) = failed()
+        assert attempt.outcome == "failed" and "cannot resolve host 'no-such-host.invalid'" in attempt.detail
+        _wait_for(lambda: _status(factory, send_id) == SendStatus.PENDING)
+    finally:
+        sender.stop()
+        sender.join(10)
