@@ -42,7 +42,7 @@ import pydicom  # noqa: E402
 import torch  # noqa: E402
 
 from node.config import load_settings  # noqa: E402
-from node.demo import (  # noqa: E402
+from node.ops.demo import (  # noqa: E402
     ORTHANC_BINARY,
     STORESCU,
     LocalOrthanc,

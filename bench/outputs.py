@@ -87,7 +87,7 @@ def _builder(negative_maps: bool):  # noqa: ANN202 - a closure over whichever tr
 
         return build
 
-    # the baseline: one overlay SC per model and the SR (node/worker.py's _build_outputs of that release)
+    # the baseline: one overlay SC per model and the SR (node/work/worker.py's _build_outputs of that release)
     from gradcam.config import RenderConfig
     from gradcam.render import render_overlay
     from node.config import OutputsConfig

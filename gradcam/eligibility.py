@@ -84,7 +84,7 @@ _FLOAT_PIXELS = {
     "DoubleFloatPixelData": "Double Float Pixel Data (7FE0,0009)",
 }
 # Digits and dots, 1-64 characters. Lenient: components with leading zeros are invalid but common, and
-# harmless here (a UID names spool files: node.spool uses the same check).
+# harmless here (a UID names spool files: node.receive.spool uses the same check).
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UID_MAX = 64
 _REQUIRED_UIDS = (

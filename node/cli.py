@@ -310,15 +310,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return serve(settings)
     if cmd == "jobs":
-        from node.report import print_jobs
+        from node.ops.report import print_jobs
 
         return print_jobs(settings, limit=args.limit, status=args.status, as_json=args.json)
     if cmd == "echo":
-        from node.sender import echo_command
+        from node.send.sender import echo_command
 
         return echo_command(settings, args.destination)
     if cmd == "demo":
-        from node.demo import run_demo
+        from node.ops.demo import run_demo
 
         return run_demo(settings, keep_running=not args.exit)
     if cmd in ("resend", "reprocess", "purge"):

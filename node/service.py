@@ -178,8 +178,8 @@ def _install_signals(stop: threading.Event) -> dict[int, Any]:
 def _start_threads(settings: Settings, sessions: sessionmaker) -> tuple[Any, Any, JobSignal]:
     import torch
 
-    from node.sender import Sender
-    from node.worker import Worker
+    from node.send.sender import Sender
+    from node.work.worker import Worker
 
     # this process only resizes and normalises inputs; the models run in their own process, whose cores
     # torch's idle-spinning thread pool here would only take away
@@ -277,9 +277,9 @@ def _start_http(settings: Settings, sessions: sessionmaker, liveness: Any) -> An
 
 def _run(settings: Settings, sessions: sessionmaker, stop: threading.Event) -> None:
     """The models, the worker and the sender, then the SCP, until ``stop``; all stopped on the way out."""
-    from node.inference import ModelStartError
     from node.ops.housekeeping import Housekeeping
-    from node.scp import start_scp
+    from node.receive.scp import start_scp
+    from node.work.inference import ModelStartError
 
     node = settings.node
     worker = sender = server = http = housekeeping = None

@@ -9,8 +9,8 @@ import pynetdicom
 from pydicom.uid import UID
 
 from gradcam.eligibility import ANALYSED_SOP_CLASSES
-from node import scp
-from node.sender import OUTPUT_SOP_CLASSES
+from node.receive import scp
+from node.send.sender import OUTPUT_SOP_CLASSES
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
 _UID = re.compile(r"\b1\.2\.840\.10008(?:\.\d+)+\b")

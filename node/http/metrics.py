@@ -85,8 +85,8 @@ P = "gradcam_node_"
 JOB_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ANALYSIS_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-# Triage and eligibility reasons (node/triage.py, gradcam/eligibility.py) carry header values; the first
-# pattern that matches names the label. Anything new is "other" until it gets a line here.
+# Triage and eligibility reasons (node/receive/triage.py, gradcam/eligibility.py) carry header values;
+# the first pattern that matches names the label. Anything new is "other" until it gets a line here.
 _SKIP_REASONS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (label, re.compile(pattern))
     for label, pattern in (
@@ -117,7 +117,7 @@ def skip_reason(reason: str | None) -> str:
 
 
 def reject_reason(reason: str | None) -> str:
-    """The label value of a rejected association's reason (see ``node.scp.handle_rejected``)."""
+    """The label value of a rejected association's reason (see ``node.receive.scp.handle_rejected``)."""
     text = (reason or "").lower()
     if text.startswith("called ae title") or "called ae title not recognised" in text:
         return "called_ae_title"

@@ -18,8 +18,8 @@ from node.config import Settings
 from node.db import Association, Job, JobStatus, Output, Result, Send, SendAttempt, SendStatus, utcnow
 
 # the record of one job is exactly the one `gradcam-node jobs --json` prints
-from node.report import job_record, job_records
-from node.spool import free_bytes
+from node.ops.report import job_record, job_records
+from node.receive.spool import free_bytes
 
 __all__ = [
     "THUMBNAIL_KINDS",

@@ -19,7 +19,7 @@ from gradcam.errors import ConfigError
 from node.config import Destination, Settings
 from node.db import Job, Send, SendStatus, utcnow
 from node.ops.record import Report
-from node.outbox import create_send
+from node.send.outbox import create_send
 
 __all__ = ["resend", "jobs_with_failed_sends"]
 

@@ -21,7 +21,7 @@ import helpers
 import pytest
 
 from node.config import load_settings
-from node.demo import (
+from node.ops.demo import (
     ORTHANC_CONFIG,
     ORTHANC_LUA,
     derived_node_config,

@@ -22,7 +22,7 @@ import pytest
 
 from gradcam.config import DEFAULT_CONFIG
 from node.config import load_settings
-from node.demo import (
+from node.ops.demo import (
     OrthancClient,
     _demo_ports,
     demo_state_dir,

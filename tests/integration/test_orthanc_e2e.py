@@ -30,7 +30,7 @@ from sqlalchemy.orm import selectinload
 
 from node.config import OutputsConfig
 from node.db import Job, JobStatus, Send, SendStatus
-from node.demo import LocalOrthanc, OrthancError, compress, free_port, storescu
+from node.ops.demo import LocalOrthanc, OrthancError, compress, free_port, storescu
 from tests.integration.orthanc_fixture import (
     OrthancFactory,
     orthanc_factory_fixture,  # noqa: F401  (the fixture "orthanc_factory")
@@ -379,7 +379,7 @@ VIEWER_SEED = 31
 def _demo_node(base: Path, orthanc_port: int, **overrides: Any) -> RunningNode:
     """A node on the shipped configuration (the committed demo checkpoints), results to Orthanc."""
     from gradcam.config import DEFAULT_CONFIG
-    from node.demo import derived_node_config
+    from node.ops.demo import derived_node_config
 
     port = overrides.get("node", {}).get("port") or free_port()
     values: dict[str, Any] = {

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
 from node.db import Association, AssociationStatus, Instance, Job, JobStatus
-from node.scp import TRANSFER_SYNTAXES
+from node.receive.scp import TRANSFER_SYNTAXES
 
 pytestmark = pytest.mark.integration
 

@@ -45,10 +45,10 @@ from node.db import (
     make_engine,
     session_factory,
 )
-from node.demo import load_orthanc_config
+from node.ops.demo import load_orthanc_config
 from node.queue import JobSignal
-from node.scp import start_scp
-from node.sender import echo
+from node.receive.scp import start_scp
+from node.send.sender import echo
 from node.tls import tls_args
 from tests.integration.orthanc_fixture import (
     OrthancFactory,

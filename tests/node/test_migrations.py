@@ -1,4 +1,4 @@
-"""node.migrations: the revisions give the models' schema; old databases are upgraded in place, data kept.
+"""node.db.migrations: the revisions give the models' schema; old databases are upgraded in place, data kept.
 
 Real SQLite files, no mocks. A database of the release before migrations (node/db.py at 0871801, made by
 ``create_all``, no ``alembic_version``) is built from ``data/schema_0871801.sql``, the DDL that release
@@ -24,7 +24,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, inspect
 from sqlalchemy.exc import IntegrityError
 
-from node import migrations
+from node.db import migrations
 from node.db import Base, create_schema, make_engine
 
 DATA = Path(__file__).parent / "data"

@@ -49,7 +49,7 @@ from node.ops.record import current_actor, log_operation, record_operation
 from node.ops.reprocess import REPROCESS_REASON, reprocess
 from node.ops.resend import resend
 from node.queue import JobSignal
-from node.spool import instance_path, output_path
+from node.receive.spool import instance_path, output_path
 from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[2]

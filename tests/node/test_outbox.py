@@ -42,8 +42,9 @@ from node.db import (
     session_factory,
     utcnow,
 )
-from node.demo import port_is_free
-from node.outbox import (
+from node.ops.demo import port_is_free
+from node.queue import JobSignal
+from node.send.outbox import (
     OutgoingFile,
     SendWork,
     backoff_delay,
@@ -53,9 +54,8 @@ from node.outbox import (
     next_due_at,
     record_attempt,
 )
-from node.queue import JobSignal
-from node.sender import SC_SOP_CLASS, Link, Sender, SendOutcome, echo_command
-from node.worker import Worker, claim_jobs
+from node.send.sender import SC_SOP_CLASS, Link, Sender, SendOutcome, echo_command
+from node.work.worker import Worker, claim_jobs
 
 STORESCP = "/usr/bin/storescp"  # DCMTK's, not pynetdicom's script of the same name
 CFG = OutboxConfig(max_attempts=4, backoff_initial_s=2.0, backoff_max_s=10.0)
@@ -748,7 +748,7 @@ def test_worker_replaces_a_dead_model_process(
     spool = tmp_path / "spool"
     spool.mkdir()
     job_signal, send_signal = JobSignal(), JobSignal()
-    with caplog.at_level(logging.DEBUG, logger="node.worker"):
+    with caplog.at_level(logging.DEBUG, logger="node.work.worker"):
         worker = Worker(settings, factory, job_signal, send_signal)
     assert any("outputs warmed up" in r.getMessage() for r in caplog.records)
     first = worker.models._proc
@@ -775,7 +775,7 @@ def test_worker_replaces_a_dead_model_process(
 def test_model_process_death_mid_batch_is_a_transient_error(tmp_path: Path) -> None:
     """A child killed while it runs a batch: collect() raises RuntimeError (the worker retries the jobs),
     and the next submit starts a new child that answers."""
-    from node.inference import InferenceProcess
+    from node.work.inference import InferenceProcess
 
     settings = _worker_settings(tmp_path)
     models = InferenceProcess(settings.core, threads=1)
@@ -834,7 +834,7 @@ def test_send_parks_the_association_thread_before_each_c_store(tmp_path: Path) -
     for the DIMSE timeout, and the retry duplicates instances at the peer); the sender parks that thread
     first. Checked on a real association: parked while we send, running again afterwards, also when the
     send fails before reaching the network."""
-    from node.sender import _pause_reactor, _send_one
+    from node.send.sender import _pause_reactor, _send_one
 
     port = _free_port()
     scp = _Scp(port)
@@ -883,7 +883,7 @@ def test_a_destination_without_segmentation_still_gets_the_rest(
     signal = JobSignal()
     sender = Sender(settings, factory, signal)
     try:
-        with caplog.at_level(logging.WARNING, logger="node.sender"):
+        with caplog.at_level(logging.WARNING, logger="node.send.sender"):
             sender.start()
             signal.notify()
             _wait_for(lambda: _status(factory, send_id) == SendStatus.SENT)

@@ -1,4 +1,4 @@
-"""node.results: the device UID of an installation, Instance Numbers per series, the SR a new one
+"""node.work.results: the device UID of an installation, Instance Numbers per series, the SR a new one
 supersedes; on real SQLite files."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pydicom.uid import UID
 
 from node.db import Instance, Job, JobStatus, Output, create_schema, make_engine, session_factory
 from node.outputs import Planned
-from node.results import device_uid, instance_numbers, predecessor_of
+from node.work.results import device_uid, instance_numbers, predecessor_of
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 

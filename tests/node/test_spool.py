@@ -1,4 +1,4 @@
-"""node.spool: UID validation before paths, layout, atomic durable writes, free space."""
+"""node.receive.spool: UID validation before paths, layout, atomic durable writes, free space."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from node.spool import InvalidUIDError, free_bytes, instance_path, output_path, valid_uid, write_atomic
+from node.receive.spool import (
+    InvalidUIDError,
+    free_bytes,
+    instance_path,
+    output_path,
+    valid_uid,
+    write_atomic,
+)
 
 
 @pytest.mark.parametrize("uid", ["1", "1.2.3", "1.2.840.10008.5.1.4.1.1.1.1", "0.0", "1." + "2" * 62])

@@ -1,4 +1,5 @@
-"""node.store: one durable file + one transaction per new instance; duplicates; refusals leave nothing."""
+"""node.receive.store: one durable file + one transaction per new instance; duplicates; refusals leave
+nothing."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from node.db import (
     JobStatus,
 )
 from node.queue import JobSignal
-from node.store import CONN_CLOSED_REASON, AssociationLog, InstanceStore, OutOfResourcesError, Received
+from node.receive.store import (
+    CONN_CLOSED_REASON,
+    AssociationLog,
+    InstanceStore,
+    OutOfResourcesError,
+    Received,
+)
 
 
 def _rec(uid: str = "1.2.3", analysable: bool = True, association_id: int | None = None) -> Received:

@@ -1,11 +1,11 @@
-"""node.triage: only frontal chest CR/DX are analysed; everything else is skipped with a reason."""
+"""node.receive.triage: only frontal chest CR/DX are analysed; everything else is skipped with a reason."""
 
 from __future__ import annotations
 
 import pytest
 from pydicom.dataset import Dataset
 
-from node.triage import triage
+from node.receive.triage import triage
 from tests import helpers
 
 

@@ -9,7 +9,7 @@
 The two UNIQUE constraints dropped were declared without a name (0001). PostgreSQL named them
 ``<table>_<column>_key``; SQLite keeps them unnamed inside the table's DDL, and cannot drop a constraint
 at all: there the batch operation reflects the table under a naming convention that names them, and
-recreates it without (copy, drop, rename; :func:`node.migrations.migrating` has foreign keys off). New
+recreates it without (copy, drop, rename; :func:`node.db.migrations.migrating` has foreign keys off). New
 columns are appended on both backends (in the models, ``outputs.instance_number`` and ``supersedes``
 come before ``path``).
 

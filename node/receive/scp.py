@@ -4,7 +4,7 @@ Every storage SOP class is accepted (:data:`STORAGE_SOP_CLASSES`: pynetdicom's
 ``AllStoragePresentationContexts`` plus the retired classes of ``StoragePresentationContexts``, 184 in all;
 pynetdicom's limit of 128 contexts applies to *requested* contexts only, not to supported ones), each with
 every transfer syntax of :data:`TRANSFER_SYNTAXES`, so a PACS that routes a whole study is never refused;
-only frontal chest CR/DX are analysed (``node.triage``).
+only frontal chest CR/DX are analysed (``node.receive.triage``).
 
 C-STORE statuses (the peer never sees a Python exception):
 
@@ -55,8 +55,8 @@ from gradcam.eligibility import DEFAULT_MIN_SIDE
 from node.config import NodeConfig
 from node.db import AssociationStatus, utcnow
 from node.queue import JobSignal
-from node.spool import valid_uid
-from node.store import (
+from node.receive.spool import valid_uid
+from node.receive.store import (
     CONN_CLOSED_REASON,
     AssociationLog,
     InstanceStore,
@@ -64,8 +64,8 @@ from node.store import (
     Received,
     StoreOutcome,
 )
+from node.receive.triage import triage
 from node.tls import start_tls_server
-from node.triage import triage
 
 __all__ = [
     "TRANSFER_SYNTAXES",
@@ -390,7 +390,7 @@ def start_scp(
 ) -> ThreadedAssociationServer:
     """Start listening on ``node.bind:node.port`` (returns at once; ``server.shutdown()`` stops it).
 
-    ``content_key``: see :class:`node.store.InstanceStore` (images received again are re-analysed when
+    ``content_key``: see :class:`node.receive.store.InstanceStore` (images received again are re-analysed when
     their results were made with another configuration); ``min_side``: ``[preprocess] min_side``.
 
     With ``node.tls`` the port takes DICOM over TLS only (:mod:`node.tls`: the handshake in the

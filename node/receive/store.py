@@ -23,7 +23,7 @@ from sqlalchemy.orm import sessionmaker
 from gradcam.errors import GradcamError
 from node.db import Association, AssociationStatus, Instance, Job, JobStatus, utcnow
 from node.queue import JobSignal
-from node.spool import free_bytes, instance_path, write_atomic
+from node.receive.spool import free_bytes, instance_path, write_atomic
 
 __all__ = [
     "StoreError",

@@ -1,6 +1,6 @@
-"""The analysis thread: claims queued jobs in batches, has the model process (:mod:`node.inference`) run
+"""The analysis thread: claims queued jobs in batches, has the model process (:mod:`node.work.inference`) run
 every enabled model with Grad-CAM on them, builds the outputs (:mod:`node.outputs.build`) and has
-:mod:`node.results` write them and record everything (results, outputs, the send) in one transaction.
+:mod:`node.work.results` write them and record everything (results, outputs, the send) in one transaction.
 Two batches are in flight: while the model process runs one, this thread writes the outputs of the one
 before.
 
@@ -34,10 +34,10 @@ from gradcam.preprocess import SourceImage, load_dataset_image
 from gradcam.results import AnalysisResult
 from node.config import Settings
 from node.db import Instance, Job, JobStatus, utcnow
-from node.inference import ChildError, InferenceProcess, ModelError
 from node.outputs import Built, OutputContext, build_outputs, plan_outputs
 from node.queue import JobSignal
-from node.results import (
+from node.work.inference import ChildError, InferenceProcess, ModelError
+from node.work.results import (
     Done,
     PermanentError,
     device_uid,
@@ -46,7 +46,7 @@ from node.results import (
     record_done,
     write_outputs,
 )
-from node.warmup import warm_up_source
+from node.work.warmup import warm_up_source
 
 __all__ = [
     "ClaimedJob",
@@ -152,7 +152,7 @@ def _fail_all(items: list[_Item], exc: Exception) -> None:
 
 class Worker:
     """Thread that analyses queued jobs in batches; the models live in a child process (see
-    :mod:`node.inference`), started and loaded here."""
+    :mod:`node.work.inference`), started and loaded here."""
 
     def __init__(
         self,

@@ -19,9 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from gradcam.results import AnalysisResult
 from node.config import Destination
 from node.db import Instance, Job, JobStatus, Output, Result, Setting, utcnow
-from node.outbox import create_send
 from node.outputs import Built, Planned
-from node.spool import output_path, write_atomic
+from node.receive.spool import output_path, write_atomic
+from node.send.outbox import create_send
 
 __all__ = [
     "PermanentError",

@@ -108,7 +108,7 @@ def _child_main(conn: Connection, core: CoreConfig, threads: int) -> None:  # pr
         conn.send(("error", _portable(exc)))
         return
     conn.send(("ready", analyzer.infos))
-    log_child = logging.getLogger("node.inference.child")
+    log_child = logging.getLogger("node.work.inference.child")
     while True:
         try:
             msg = conn.recv()

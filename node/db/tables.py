@@ -1,48 +1,27 @@
-"""Database of the node: associations, received instances, jobs, results, outputs, sends and operations.
+"""The node's tables: associations, received instances, jobs, results, outputs, sends and operations.
 
-The contract is /work/notes/SCHEMA.md. One engine per process (:func:`make_engine`), short sessions from
-:func:`session_factory`. Every timestamp is a timezone-aware UTC :class:`~datetime.datetime` whatever the
-backend (SQLite stores naive UTC text; :class:`UtcDateTime` puts the zone back on the way out).
-
-SQLite specifics: WAL journal (readers never block the writer), ``busy_timeout`` 30 s,
-``synchronous=FULL`` (a C-STORE success is only sent after the commit, so the commit must survive power
-loss), foreign keys on, and every transaction starts with ``BEGIN IMMEDIATE``: the write lock is taken up
-front, so two threads that read then write never dead-end in ``SQLITE_BUSY`` (a deferred transaction that
-must upgrade its lock cannot wait for it; an immediate one waits up to the busy timeout). The node's own
-threads queue for that lock in the process (:class:`_WriteQueue`) rather than in SQLite's busy handler.
+The contract is /work/notes/SCHEMA.md. Every timestamp is a timezone-aware UTC :class:`~datetime.datetime`
+whatever the backend (SQLite stores naive UTC text; :class:`UtcDateTime` puts the zone back on the way out).
 """
 
 from __future__ import annotations
 
 import enum
-import logging
-import sqlite3
-import threading
-import time
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 from sqlalchemy import (
     Boolean,
     DateTime,
     Dialect,
-    Engine,
     Float,
     ForeignKey,
     Integer,
     String,
     Text,
     UniqueConstraint,
-    create_engine,
-    event,
-    update,
 )
 from sqlalchemy import Enum as SAEnum
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
@@ -62,15 +41,8 @@ __all__ = [
     "SendAttempt",
     "Operation",
     "utcnow",
-    "make_engine",
-    "create_schema",
-    "session_factory",
-    "recover",
 ]
 
-log = logging.getLogger(__name__)
-
-BUSY_TIMEOUT_MS = 30_000
 _UID = 64  # DICOM UI VR maximum length
 _AE = 16  # DICOM AE VR maximum length
 
@@ -343,167 +315,3 @@ class Operation(Base):
     actor: Mapped[str] = mapped_column(String(64))
     summary: Mapped[str] = mapped_column(Text)
     detail: Mapped[str] = mapped_column(Text, default="")
-
-
-def _switch_to_wal(cur: Any) -> None:
-    """``journal_mode = WAL``, waiting for other connections: on a database not yet in WAL mode (new, or
-    made by other tools) the switch needs the database to itself, and SQLite answers "database is locked"
-    at once, without its busy handler, while another process has it open in the middle of a transaction
-    (several node processes starting together)."""
-    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-    while True:
-        try:
-            cur.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    # Driver-level autocommit so that we, not pysqlite, decide where transactions begin (see "begin").
-    dbapi_conn.isolation_level = None
-    cur = dbapi_conn.cursor()
-    try:
-        cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        _switch_to_wal(cur)
-        cur.execute("PRAGMA synchronous = FULL")
-        cur.execute("PRAGMA foreign_keys = ON")
-    finally:
-        cur.close()
-
-
-class _WriteQueue:
-    """The process's threads take SQLite's write lock one after the other, in a queue of our own.
-
-    Waiting in SQLite's busy handler means sleeping 1, 2, 5, 10 ... 100 ms between tries, and a thread
-    that wakes up late loses the lock to one that just arrived: in bench runs a ``BEGIN IMMEDIATE`` waited
-    up to 243 ms (bench/node.py) and 432 ms (bench/e2e.py; a C-STORE response held that long) while no
-    transaction lasted more than a few milliseconds. Here a thread waits on a :class:`threading.Lock`, is
-    woken the moment the transaction before it ends, and then begins; SQLite's busy timeout still applies
-    to other processes (``gradcam-node jobs``). The lock is taken before ``BEGIN IMMEDIATE`` and given back
-    after the connection's COMMIT or ROLLBACK (the dialect's, so that it is really over). A thread that
-    waits longer than the busy timeout gets "database is locked", as from SQLite.
-    """
-
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self._lock = threading.Lock()
-        self._holder: int | None = None  # the DBAPI connection inside a transaction, by id
-
-    def install(self, engine: Engine) -> None:
-        event.listen(engine, "begin", self._begin)
-        dialect = engine.dialect
-        dialect.do_commit = self._ending(dialect.do_commit)  # type: ignore[method-assign]
-        dialect.do_rollback = self._ending(dialect.do_rollback)  # type: ignore[method-assign]
-        # a connection dropped inside a transaction (invalidated, closed) gives the lock back too
-        event.listen(engine, "invalidate", lambda dbapi_connection, *_: self._release(dbapi_connection))
-        event.listen(engine, "close", lambda dbapi_connection, *_: self._release(dbapi_connection))
-
-    def _begin(self, conn: Any) -> None:
-        if not self._lock.acquire(timeout=self.timeout_s):
-            raise OperationalError(
-                "BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked (by this process)")
-            )
-        try:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        except BaseException:
-            self._lock.release()
-            raise
-        self._holder = id(_raw(conn.connection))
-
-    def _ending(self, finish: Any) -> Any:
-        def end(dbapi_connection: Any) -> None:
-            try:
-                finish(dbapi_connection)
-            finally:
-                self._release(dbapi_connection)
-
-        return end
-
-    def _release(self, dbapi_connection: Any) -> None:
-        if self._holder is not None and self._holder == id(_raw(dbapi_connection)):
-            self._holder = None
-            self._lock.release()
-
-
-def _raw(connection: Any) -> Any:
-    """The sqlite3 connection behind SQLAlchemy's pool proxy (or the connection itself)."""
-    return getattr(connection, "dbapi_connection", None) or connection
-
-
-def make_engine(url: str) -> Engine:
-    """The process's engine for any SQLAlchemy URL; SQLite gets WAL, busy timeout and foreign keys.
-
-    Parameters
-    ----------
-    url
-        SQLAlchemy URL. For a SQLite file the parent folder is created. ``sqlite://`` (memory) shares one
-        connection between threads, for tests.
-    """
-    u = make_url(url)
-    if u.get_backend_name() != "sqlite":
-        return create_engine(u, pool_pre_ping=True)
-    kwargs: dict[str, Any] = {
-        "connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000},
-    }
-    database = u.database or ""
-    if database in ("", ":memory:"):
-        kwargs["poolclass"] = StaticPool
-    else:
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(u, **kwargs)
-    event.listen(engine, "connect", _sqlite_pragmas)
-    _WriteQueue(BUSY_TIMEOUT_MS / 1000).install(engine)
-    return engine
-
-
-def create_schema(engine: Engine) -> None:
-    """Bring the database to the latest schema revision (idempotent; safe for concurrent starts).
-
-    Runs the Alembic revisions of :mod:`node.migrations` in one transaction: all of them on an empty
-    database; on one made before migrations existed (the node's tables, no ``alembic_version``) it stamps
-    the baseline revision first, then upgrades; a database at a revision is upgraded, at the latest one
-    left alone. A second process that starts meanwhile waits for the write lock, then finds it done.
-    """
-    from node import migrations  # here, so that importing node.db does not load Alembic
-
-    migrations.upgrade(engine)
-
-
-def session_factory(engine: Engine) -> sessionmaker:
-    """Sessions bound to ``engine``; objects stay readable after commit (``expire_on_commit=False``)."""
-    return sessionmaker(bind=engine, expire_on_commit=False)
-
-
-def recover(sessions: sessionmaker) -> tuple[int, int]:
-    """Undo what a crash or kill left half done; call once at start, before the worker and sender.
-
-    Jobs left ``running`` are ``queued`` again (due now); sends left ``sending`` are ``pending`` again (due
-    now). Attempt counters are kept, so a job that kills the process every time still runs out of attempts.
-
-    Returns
-    -------
-    tuple[int, int]
-        The number of jobs and of sends put back.
-    """
-    now = utcnow()
-    with sessions.begin() as s:
-        jobs = s.execute(
-            update(Job)
-            .where(Job.status == JobStatus.RUNNING)
-            .values(status=JobStatus.QUEUED, started_at=None, next_attempt_at=None)
-            .execution_options(synchronize_session=False)
-        ).rowcount
-        sends = s.execute(
-            update(Send)
-            .where(Send.status == SendStatus.SENDING)
-            .values(status=SendStatus.PENDING, next_attempt_at=now)
-            .execution_options(synchronize_session=False)
-        ).rowcount
-    if jobs or sends:
-        log.warning(
-            "recovered after an unclean stop: %d job(s) re-queued, %d send(s) pending again", jobs, sends
-        )
-    return int(jobs or 0), int(sends or 0)

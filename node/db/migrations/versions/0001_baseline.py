@@ -1,7 +1,7 @@
 """Baseline: the schema that ``create_all`` made before migrations existed (node/db.py at 0871801).
 
 Databases of that release have exactly these tables and no ``alembic_version``; the node stamps them
-with this revision (:func:`node.migrations.upgrade`). Written out table by table, in the order and form
+with this revision (:func:`node.db.migrations.upgrade`). Written out table by table, in the order and form
 ``create_all`` emitted them: UNIQUE constraints declared ``unique=True`` on a column are unnamed (SQLite:
 an automatic index; PostgreSQL: ``<table>_<column>_key``), enums are VARCHAR(16) without CHECK, booleans
 have no CHECK, timestamps are ``DATETIME`` on SQLite and ``TIMESTAMP WITH TIME ZONE`` on PostgreSQL.

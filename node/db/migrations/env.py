@@ -1,8 +1,8 @@
 """Alembic environment of the node's database.
 
-The node runs it itself (:func:`node.migrations.upgrade`): the connection, already inside the upgrade's
+The node runs it itself (:func:`node.db.migrations.upgrade`): the connection, already inside the upgrade's
 transaction, is in ``config.attributes["connection"]``. From the ``alembic`` command (repository root),
-``-x url=...`` names the database; the upgrade then runs in :func:`node.migrations.migrating` too, and
+``-x url=...`` names the database; the upgrade then runs in :func:`node.db.migrations.migrating` too, and
 with ``--sql`` only the SQL is written (``-x url=postgresql://`` is enough for that).
 """
 
@@ -12,7 +12,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from node.db import Base, make_engine
-from node.migrations import migrating
+from node.db.migrations import migrating
 
 config = context.config
 

@@ -25,8 +25,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from gradcam.errors import ConfigError
 from node.config import Destination, Settings
 from node.db import SendStatus, utcnow
-from node.outbox import OutgoingFile, SendWork, as_utc, claim_send, due_send_ids, next_due_at, record_attempt
 from node.queue import JobSignal
+from node.send.outbox import (
+    OutgoingFile,
+    SendWork,
+    as_utc,
+    claim_send,
+    due_send_ids,
+    next_due_at,
+    record_attempt,
+)
 from node.tls import ClientContext, describe_tls_error, tls_args
 
 __all__ = [

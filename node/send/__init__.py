@@ -1,0 +1,1 @@
+"""Send: the durable outbox (:mod:`.outbox`) drained by C-STORE to the destinations (:mod:`.sender`)."""
