@@ -17,7 +17,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # CPU builds of torch/torchvision first (their own index; the default PyPI wheels carry CUDA libraries).
-RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu
+# An image for GPU workers (docker-compose.scale.yml) takes the CUDA build from PyPI instead:
+#   docker build --build-arg TORCH_INDEX=https://pypi.org/simple -t gradcam-node:0.1.0-cuda .
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url "${TORCH_INDEX}"
 
 WORKDIR /app
 

@@ -6,8 +6,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests talk to, as "file:package".
-PEERS  := /usr/bin/storescu:dcmtk /usr/bin/dciodvfy:dicom3tools /usr/sbin/Orthanc:orthanc /usr/bin/chromium:chromium
+# Debian packages the tests talk to, as "file:package"; the file may be a shell glob (PostgreSQL's
+# programs are under a folder named after its version; tests/postgres.py starts a server of its own).
+PEERS  := /usr/bin/storescu:dcmtk /usr/bin/dciodvfy:dicom3tools /usr/sbin/Orthanc:orthanc /usr/bin/chromium:chromium \
+          '/usr/lib/postgresql/*/bin/initdb:postgresql'
 
 .PHONY: run test lint venv peers demo clean demo-data demo-checkpoints
 
@@ -52,9 +54,11 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 peers:
-	@missing=""; for p in $(PEERS); do [ -x "$${p%%:*}" ] || missing="$$missing $${p##*:}"; done; \
+	@missing=""; for p in $(PEERS); do \
+		ls $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p##*:}"; \
+	done; \
 	if [ -n "$$missing" ]; then \
-		echo "installing DICOM peers:$$missing"; \
+		echo "installing test peers:$$missing"; \
 		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
 	fi
 

@@ -16,6 +16,8 @@ Usage::
 
     .venv/bin/python bench/outputs.py [--images 12] [--size 512] [--rounds 3] [--baseline REV]
                                       [--negative-maps] [--json FILE]
+
+``--baseline HEAD`` measures an uncommitted change against the last commit.
 """
 
 from __future__ import annotations

@@ -105,10 +105,15 @@ class Analyzer:
     to the sources); the node runs the first in a separate process and the second in its own.
     """
 
-    def __init__(self, cfg: CoreConfig, model_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, cfg: CoreConfig, model_names: Sequence[str] | None = None, device: str | torch.device = "cpu"
+    ) -> None:
         chosen = [cfg.model(n) for n in model_names] if model_names else list(cfg.enabled_models)
         self.cfg = cfg
+        self.device = torch.device(device)
         self.models: dict[str, LoadedModel] = {m.name: load_model(m) for m in chosen}
+        for lm in self.models.values():
+            lm.module.to(self.device)  # before the CAM engines trace them
         self.engines = {name: CamEngine(lm.module, lm.cfg.target_layer) for name, lm in self.models.items()}
 
     @property
@@ -116,12 +121,17 @@ class Analyzer:
         return [LoadedModelInfo(lm.cfg, lm.sha256) for lm in self.models.values()]
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, list[RawOutput]]:
-        """Every model on its input batch (from :func:`model_inputs`): probabilities and raw CAMs."""
+        """Every model on its input batch (from :func:`model_inputs`): probabilities and raw CAMs.
+
+        The batch, the forward pass and the closed-form CAM run on :attr:`device`; only the small
+        low-resolution CAMs and the probabilities come back to the CPU.
+        """
         out: dict[str, list[RawOutput]] = {}
         for name, lm in self.models.items():
-            x = inputs[name]
+            x = inputs[name].to(self.device, non_blocking=True)
             t0 = time.perf_counter()
             logits, cams = self.engines[name].run(x, lm.cfg.threshold)
+            cams = cams.float().cpu()
             probs = torch.sigmoid(logits.float()).tolist()
             ms = (time.perf_counter() - t0) * 1000.0 / max(1, len(probs))
             out[name] = [RawOutput(float(p), cams[i].float().numpy(), ms) for i, p in enumerate(probs)]

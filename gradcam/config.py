@@ -123,6 +123,10 @@ class TableReader:
             raise self.error(name, "required key is missing")
         return default
 
+    def raw(self, name: str, default: Any = _MISSING) -> Any:
+        """The value as TOML gave it, of whatever type (the caller checks it)."""
+        return self._get(name, default)
+
     def str(self, name: str, default: Any = _MISSING, choices: tuple[str, ...] = ()) -> Any:
         value = self._get(name, default)
         if value is default and default is not _MISSING:

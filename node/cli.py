@@ -142,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
         "SIGTERM or SIGINT.",
     )
 
+    w = sub.add_parser(
+        "work",
+        help="run one analysis worker (jobs from the database, results into the spool)",
+        description="Run one analysis worker until SIGTERM or SIGINT: it claims queued jobs from the "
+        "node's database, runs the models on [worker] device and records the results and their sends. Run "
+        "as many as the machines allow, beside `serve` or on other machines that share its database "
+        "(PostgreSQL) and spool folder; see README, 'Scaling out'.",
+    )
+    w.add_argument("--device", metavar="D", help="override [worker] device: auto, cpu, cuda or cuda:N")
+    w.add_argument("--slot", type=int, default=0, help=argparse.SUPPRESS)  # serve's local worker number
+    w.add_argument("--wake-fd", type=int, default=None, help=argparse.SUPPRESS)  # see node.work.process
+    w.add_argument("--notify-fd", type=int, default=None, help=argparse.SUPPRESS)
+
     j = sub.add_parser(
         "jobs",
         help="list received instances, jobs, results and sends",
@@ -291,7 +304,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"phantoms written to {args.out} (labels.csv)")
         return 0
     settings = load_settings(args.config)
-    setup_logging(settings.logging, debug=args.debug, serving=cmd == "serve", config_file=str(settings.path))
+    # serve, and a worker of its own (not one that serve started), own the log file and rotate it
+    owner = cmd == "serve" or (cmd == "work" and args.wake_fd is None)
+    setup_logging(settings.logging, debug=args.debug, serving=owner, config_file=str(settings.path))
     if cmd == "analyze":
         from gradcam.analyze import analyze_paths
 
@@ -309,6 +324,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from node.service import serve
 
         return serve(settings)
+    if cmd == "work":
+        from node.work.process import run_worker
+
+        return run_worker(settings, args.wake_fd, args.notify_fd, args.device, args.slot)
     if cmd == "jobs":
         from node.ops.report import print_jobs
 

@@ -75,12 +75,30 @@ class NodeConfig:
     tls: NodeTls | None = None  # [node.tls]: None, plain DICOM
 
 
+def default_processes() -> int:
+    """``[worker] processes = "auto"``: one worker process per 8 cores, at least one. A worker keeps two
+    batches in flight and its model process uses the cores it is given; more processes pay off when one
+    process's Python work (decoding, outputs, database) becomes the bound, as on many cores or a GPU."""
+    return max(1, (os.cpu_count() or 2) // 8)
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     batch_size: int = 4
     max_attempts: int = 3
     retry_delay_s: float = 5.0
-    inference_threads: int = 0  # torch threads of the model process; 0: all cores but one
+    # torch threads of each model process; 0: the cores but one, shared among the worker processes
+    inference_threads: int = 0
+    processes: int = 1  # worker processes `serve` starts ("auto": default_processes()); 0: none
+    lease_s: float = 30.0  # a claimed job is held this long, renewed while it runs
+    device: str = "auto"  # where the models run: auto (CUDA when there is one), cpu, cuda, cuda:N
+    poll_s: float = 1.0  # an idle worker looks for jobs this often (those queued by other machines)
+
+    def threads(self) -> int:
+        """The torch threads of one worker's model process."""
+        if self.inference_threads > 0:
+            return self.inference_threads
+        return max(1, ((os.cpu_count() or 2) - 1) // max(1, self.processes))
 
 
 # The output kinds the node can make for one image (see node.outputs.build):
@@ -223,6 +241,29 @@ def _uid(r: TableReader, name: str) -> str:
     value = r.str(name, "").strip()
     if value and (len(value) > 64 or not _UID_RE.match(value)):
         raise r.error(name, f"expected a DICOM UID (digits and dots, at most 64 characters), got {value!r}")
+    return value
+
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d{1,2})$")
+
+
+def _processes(w: TableReader) -> int:
+    value = w.raw("processes", "auto")
+    if value == "auto":
+        return default_processes()
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+        raise w.error(
+            "processes", f'expected "auto" or a whole number from 0 (no local workers) to 64, got {value!r}'
+        )
+    return value
+
+
+def _device(w: TableReader) -> str:
+    value = w.str("device", "auto").strip().lower()
+    if not _DEVICE_RE.match(value):
+        raise w.error(
+            "device", f'expected "auto", "cpu", "cuda" or "cuda:N" (N: the GPU\'s index), got {value!r}'
+        )
     return value
 
 
@@ -371,6 +412,10 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         max_attempts=w.int("max_attempts", 3, lo=1, hi=100),
         retry_delay_s=w.float("retry_delay_s", 5.0, lo=0.0),
         inference_threads=w.int("inference_threads", 0, lo=0, hi=1024),
+        processes=_processes(w),
+        lease_s=w.float("lease_s", 30.0, lo=1.0, hi=3600.0),
+        device=_device(w),
+        poll_s=w.float("poll_s", 1.0, lo=0.05, hi=60.0),
     )
     w.finish()
 

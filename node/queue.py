@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import threading
+from typing import Protocol
 
-__all__ = ["JobSignal", "SendSignal"]
+__all__ = ["JobSignal", "SendSignal", "Notifier"]
+
+
+class Notifier(Protocol):
+    """Anything that can be told "look now": a :class:`JobSignal`, or a pipe to another process."""
+
+    def notify(self) -> None: ...
 
 
 class JobSignal:

@@ -14,12 +14,17 @@ Fixtures
     ``{model name: checkpoint path}`` for the three default models (input size 64), made once a session.
 ``tiny_config_path`` / ``core_config``
     A complete node configuration file pointing at them (input_size 64) / its parsed core section.
+``postgres_server``
+    A throw-away PostgreSQL server (:class:`tests.postgres.PostgresServer`), started the first time a test
+    asks for it and stopped at the end of the session.
+``pg_url``
+    The SQLAlchemy URL (``postgresql+psycopg://``) of a new empty database on it, dropped after the test.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +34,7 @@ from torch import nn
 from gradcam.config import CoreConfig, ModelConfig, load_core_config
 from gradcam.models import build_model, save_checkpoint
 from tests import helpers
+from tests.postgres import PostgresServer
 
 TINY_INPUT = 64
 ModelFactory = Callable[..., nn.Module]
@@ -125,3 +131,22 @@ def tiny_config_path(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints:
 @pytest.fixture(scope="session")
 def core_config(tiny_config_path: Path) -> CoreConfig:
     return load_core_config(tiny_config_path)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the session's own (started by the first test that needs it)."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A new empty database on ``postgres_server``, as a SQLAlchemy URL; dropped (its connections ended
+    first) after the test."""
+    with postgres_server.fresh_database() as url:
+        yield url

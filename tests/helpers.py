@@ -13,7 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,6 +321,56 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: fl
 _CHECKPOINT_CACHE: dict[tuple[Path, tuple[str, ...]], dict[str, Path]] = {}
 
 
+# the node's output classes: Secondary Capture, Comprehensive 3D SR, Segmentation
+OUTPUT_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.7",
+    "1.2.840.10008.5.1.4.1.1.88.34",
+    "1.2.840.10008.5.1.4.1.1.66.4",
+)
+
+
+class CountingScp:
+    """Storage SCP that counts every delivery by SOP Instance UID."""
+
+    def __init__(self, port: int, ae_title: str = "PACS", delay_s: float = 0.0) -> None:
+        self.port = port
+        self.ae_title = ae_title
+        self.delay_s = delay_s  # each C-STORE takes this long: a slow PACS
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._server = None
+
+    def start(self) -> None:
+        from pydicom.uid import ImplicitVRLittleEndian
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        ae = AE(ae_title=self.ae_title)
+        for sop in OUTPUT_CLASSES:
+            ae.add_supported_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_supported_context(Verification)
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+
+    def _on_store(self, event: Any) -> int:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        with self._lock:
+            self.counts[str(event.request.AffectedSOPInstanceUID)] += 1
+        return 0x0000
+
+    def snapshot(self) -> Counter[str]:
+        """Deliveries so far, by SOP Instance UID."""
+        with self._lock:
+            return Counter(self.counts)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
 def checkpoints_for(root: Path, names: Iterable[str]) -> dict[str, Path]:
     """Test checkpoints for ``names`` (keys of :data:`TEST_MODELS`), made once per process under ``root``."""
     key = (root, tuple(names))
@@ -414,11 +466,13 @@ def start_node(
     port: int | None = None,
     wait: bool = True,
     env: Mapping[str, str] | None = None,
+    database_url: str | None = None,
     **config: Any,
 ) -> RunningNode:
     """Write ``base/node.toml`` and start ``python -m node.cli --config base/node.toml serve``.
 
-    The spool is ``base/spool``, the database ``base/node.db``, the log ``base/node.log``. ``config`` goes to
+    The spool is ``base/spool``, the database ``base/node.db`` (or ``database_url``), the log
+    ``base/node.log``. ``config`` goes to
     :func:`write_test_config` (``node={...}``, ``destinations=[...]``, ``worker={...}``...). With ``wait``
     the node answers C-ECHO when this returns. Stop it with :meth:`RunningNode.stop`.
     """
@@ -429,12 +483,14 @@ def start_node(
         checkpoints=checkpoints,
         port=port,
         storage_dir=base / "spool",
-        database_url=f"sqlite:///{base / 'node.db'}",
+        database_url=database_url or f"sqlite:///{base / 'node.db'}",
         node=node_table,
         **config,
     )
     allowed = node_table.get("allowed_calling_aets") or ["PROBE"]
-    return start_node_with(cfg, base, port, ae_title, probe_ae=allowed[0], wait=wait, env=env)
+    return start_node_with(
+        cfg, base, port, ae_title, probe_ae=allowed[0], wait=wait, env=env, database_url=database_url
+    )
 
 
 def start_node_with(
@@ -446,9 +502,10 @@ def start_node_with(
     probe_ae: str = "PROBE",
     wait: bool = True,
     env: Mapping[str, str] | None = None,
+    database_url: str | None = None,
 ) -> RunningNode:
     """Start ``python -m node.cli --config CFG serve`` on a configuration written elsewhere, whose spool is
-    ``base/spool`` and database ``base/node.db``; the log goes to ``base/node.log``."""
+    ``base/spool`` and database ``base/node.db`` (or ``database_url``); the log goes to ``base/node.log``."""
     log_path = base / "node.log"
     with log_path.open("wb") as log_file:  # the child keeps its own descriptor
         proc = subprocess.Popen(
@@ -459,7 +516,7 @@ def start_node_with(
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
-    db_url = f"sqlite:///{base / 'node.db'}"
+    db_url = database_url or f"sqlite:///{base / 'node.db'}"
     running = RunningNode(proc, port, ae_title, cfg, base / "spool", db_url, log_path, probe_ae=probe_ae)
     if wait:
         try:

@@ -1,11 +1,14 @@
-"""The database every process of the node shares: its tables (:mod:`node.db.tables`), the connection of a
-process (:mod:`node.db.engine`) and the schema's revisions (:mod:`node.db.migrations`)."""
+"""The database every process of the node shares: its tables (:mod:`node.db.tables`), the connection of
+a process (:mod:`node.db.engine`), the leases by which processes hold jobs and sends
+(:mod:`node.db.leases`) and the schema's revisions (:mod:`node.db.migrations`)."""
 
-from node.db.engine import BUSY_TIMEOUT_MS, create_schema, make_engine, recover, session_factory
+from node.db.engine import BUSY_TIMEOUT_MS, create_schema, make_engine, session_factory
+from node.db.leases import LeaseKeeper, holder_id, recover
 from node.db.tables import (
     Association,
     AssociationStatus,
     Base,
+    Delivery,
     Instance,
     InstanceStatus,
     Job,
@@ -37,10 +40,13 @@ __all__ = [
     "Setting",
     "Send",
     "SendAttempt",
+    "Delivery",
     "Operation",
     "utcnow",
     "make_engine",
     "create_schema",
     "session_factory",
     "recover",
+    "holder_id",
+    "LeaseKeeper",
 ]

@@ -24,14 +24,11 @@ from sqlalchemy import (
     Engine,
     create_engine,
     event,
-    update,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
-
-from node.db.tables import Job, JobStatus, Send, SendStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -166,37 +163,10 @@ def create_schema(engine: Engine) -> None:
 
 
 def session_factory(engine: Engine) -> sessionmaker:
-    """Sessions bound to ``engine``; objects stay readable after commit (``expire_on_commit=False``)."""
-    return sessionmaker(bind=engine, expire_on_commit=False)
+    """Sessions bound to ``engine``; objects stay readable after commit (``expire_on_commit=False``). On
+    PostgreSQL they ring the other processes when they queue a job or a send (:mod:`node.db.doorbell`)."""
+    from node.db.doorbell import install_rings
 
-
-def recover(sessions: sessionmaker) -> tuple[int, int]:
-    """Undo what a crash or kill left half done; call once at start, before the worker and sender.
-
-    Jobs left ``running`` are ``queued`` again (due now); sends left ``sending`` are ``pending`` again (due
-    now). Attempt counters are kept, so a job that kills the process every time still runs out of attempts.
-
-    Returns
-    -------
-    tuple[int, int]
-        The number of jobs and of sends put back.
-    """
-    now = utcnow()
-    with sessions.begin() as s:
-        jobs = s.execute(
-            update(Job)
-            .where(Job.status == JobStatus.RUNNING)
-            .values(status=JobStatus.QUEUED, started_at=None, next_attempt_at=None)
-            .execution_options(synchronize_session=False)
-        ).rowcount
-        sends = s.execute(
-            update(Send)
-            .where(Send.status == SendStatus.SENDING)
-            .values(status=SendStatus.PENDING, next_attempt_at=now)
-            .execution_options(synchronize_session=False)
-        ).rowcount
-    if jobs or sends:
-        log.warning(
-            "recovered after an unclean stop: %d job(s) re-queued, %d send(s) pending again", jobs, sends
-        )
-    return int(jobs or 0), int(sends or 0)
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
+    install_rings(factory)
+    return factory

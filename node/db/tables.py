@@ -39,6 +39,7 @@ __all__ = [
     "Setting",
     "Send",
     "SendAttempt",
+    "Delivery",
     "Operation",
     "utcnow",
 ]
@@ -196,6 +197,10 @@ class Job(Base):
     duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     # the configuration the analysis ran with (node.outputs.identity.OutputContext.content_key)
     content_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # the worker process that holds the job while it runs ("host:pid"), and until when: a job whose lease
+    # ran out (its worker vanished) is claimed again (node.work.claim)
+    leased_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
     instance: Mapped[Instance] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job", order_by="Result.model")
@@ -281,9 +286,30 @@ class Send(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # the sending process that holds the send while it is ``sending``, and until when (as for jobs)
+    leased_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="sends")
     attempts_log: Mapped[list[SendAttempt]] = relationship(back_populates="send", order_by="SendAttempt.id")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="send", order_by="Delivery.id")
+
+
+class Delivery(Base):
+    """One output instance a destination acknowledged for a :class:`Send`: recorded as each C-STORE
+    succeeds, so that a send cut short (a kill, a lost association) goes on with the files not yet
+    delivered instead of sending the whole job again."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("send_id", "sop_instance_uid", name="uq_deliveries_send_sop"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    send_id: Mapped[int] = mapped_column(ForeignKey("sends.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(_UID))
+    status: Mapped[int] = mapped_column(Integer)  # the C-STORE response status (0x0000 or a warning)
+    delivered_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    send: Mapped[Send] = relationship(back_populates="deliveries")
 
 
 class SendAttempt(Base):

@@ -1,32 +1,25 @@
-"""The thread of ``serve`` that keeps it going without anyone: ``[retention]``, and work from elsewhere.
+"""The thread of ``serve`` that runs ``[retention]``: every ``interval_h`` (first at start) it purges the
+files :mod:`node.ops.purge` lets go and records the run (command ``retention``) like an operator's.
 
-- Every ``[retention] interval_h`` (first at start) it purges the files :mod:`node.ops.purge` lets go and
-  records the run (command ``retention``) like an operator's.
-- Every :data:`POLL_S` it wakes the worker and the sender. They are woken in-process when this node queues
-  work, and otherwise sleep until their next scheduled retry; a job or a send that another process queued
-  (``gradcam-node reprocess``, ``resend``, another node on the same database) would wait for the next
-  reception. A wake-up costs each one query when there is nothing to do.
+(Work that other processes queue, ``gradcam-node reprocess`` or ``resend`` or another machine's worker, is
+found by the workers and the sender themselves: they look every ``[worker] poll_s`` when idle.)
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
 from node.ops.purge import PurgeReport, Rules, purge
 from node.ops.record import log_operation, record_operation
-from node.queue import JobSignal
 
-__all__ = ["POLL_S", "Housekeeping", "run_retention"]
+__all__ = ["Housekeeping", "run_retention"]
 
 log = logging.getLogger("node.ops")
 
-POLL_S = 2.0
 _RETRY_AFTER_ERROR_S = 600.0
 
 
@@ -49,19 +42,11 @@ def run_retention(
 
 
 class Housekeeping:
-    """Thread: retention runs and wake-ups (see the module)."""
+    """Thread: retention runs (see the module)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        sessions: sessionmaker[Session],
-        wake: Sequence[JobSignal],
-        poll_s: float = POLL_S,
-    ) -> None:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self.settings = settings
         self.sessions = sessions
-        self.wake = tuple(wake)
-        self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
 
@@ -84,13 +69,10 @@ class Housekeeping:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        next_purge = time.monotonic() if self.settings.retention.enabled else None
+        if not self.settings.retention.enabled:
+            return
         while not self._stop.is_set():
-            if next_purge is not None and time.monotonic() >= next_purge:
-                next_purge = time.monotonic() + self._retention()
-            for signal in self.wake:
-                signal.notify()
-            self._stop.wait(self.poll_s)
+            self._stop.wait(self._retention())
 
     def _retention(self) -> float:
         """Run the retention once; seconds until the next run."""

@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from gradcam.errors import ConfigError
 from node.config import Destination, Settings
-from node.db import Job, Send, SendStatus, utcnow
+from node.db import Delivery, Job, Send, SendStatus, utcnow
+from node.db.doorbell import SENDS, ring
 from node.ops.record import Report
 from node.send.outbox import create_send
 
@@ -79,6 +80,11 @@ def _reset(session: Session, send: Send, dest: Destination, now: datetime) -> tu
     ).rowcount
     if changed != 1:
         return f"send {send.id} changed meanwhile; left alone", False
+    ring(session, SENDS)  # a sender on another machine starts at once (PostgreSQL)
+    if before is SendStatus.SENT:
+        # asked to send a delivered job again: every file goes again. A failed send keeps the record of
+        # the files the destination did acknowledge, and goes on with the others.
+        session.execute(delete(Delivery).where(Delivery.send_id == send.id))
     was = f"was {before.value} after {attempts} attempt(s)"
     if before is SendStatus.FAILED and error:
         was += f": {_short(error)}"

@@ -15,7 +15,8 @@ from node.outputs.common import MANUFACTURER, MODEL_NAME, SOFTWARE_VERSION, Plac
 from node.outputs.heatmap import build_heatmap
 from node.outputs.identity import ModelIdentity, OutputContext
 from node.outputs.sc import build_secondary_capture
-from node.outputs.sr import Evidence, build_sr
+from node.outputs.sr import build_sr
+from node.outputs.sr_content import Evidence
 from node.outputs.sr_read import ModelFinding, SRFindings, SRReadError, read_sr_findings
 from node.outputs.uids import derive_uid, output_uid, series_uid, sr_uid
 

@@ -28,11 +28,13 @@ from pydicom.dataset import Dataset
 from gradcam.preprocess import SourceImage
 from gradcam.render import render_overlay, render_summary
 from gradcam.results import AnalysisResult
-from node.outputs.common import Placement, reference_header
+from node.outputs.common import Placement
 from node.outputs.heatmap import build_heatmap
 from node.outputs.identity import OutputContext
 from node.outputs.sc import build_secondary_capture
-from node.outputs.sr import Evidence, build_sr
+from node.outputs.source import source_parts
+from node.outputs.sr import build_sr
+from node.outputs.sr_content import Evidence
 from node.outputs.uids import output_uid, series_uid, sr_uid
 
 __all__ = ["Built", "Planned", "plan_outputs", "build_outputs"]
@@ -101,25 +103,25 @@ def build_outputs(
     of the SR this image's new SR supersedes (:func:`node.outputs.sr.build_sr`). Raises ValueError,
     TypeError or KeyError when the source or the analysis cannot make valid outputs.
     """
-    ref = reference_header(source)
+    parts = source_parts(source)  # what every output copies from the source, encoded once
     before = str(predecessor.SOPInstanceUID) if predecessor is not None else None
     built: list[Built] = []
     for p in plan_outputs(source, analysis, ctx, before):
         placement = Placement(p.series_uid, p.sop_uid, numbers[p.sop_uid])
         if p.kind == "sr":
             evidence = [Evidence(b.kind, b.model, b.dataset) for b in built]
-            ds = build_sr(source, analysis, ctx, placement, evidence, predecessor, ref=ref)
+            ds = build_sr(source, analysis, ctx, placement, evidence, predecessor, parts)
             built.append(Built(p.kind, None, ds, supersedes=before))
             continue
         if p.kind == "summary":
             pixels = render_summary(image, analysis, ctx.render, ctx.outputs.negative_maps)
-            ds = build_secondary_capture(source, pixels, analysis, None, ctx, placement, ref=ref)
+            ds = build_secondary_capture(source, pixels, analysis, None, ctx, placement, parts)
         elif p.kind == "sc":
             assert p.model is not None
             pixels = render_overlay(image, analysis.models[p.model], ctx.render, analysis)
-            ds = build_secondary_capture(source, pixels, analysis, p.model, ctx, placement, ref=ref)
+            ds = build_secondary_capture(source, pixels, analysis, p.model, ctx, placement, parts)
         else:
             assert p.model is not None
-            ds = build_heatmap(source, analysis.models[p.model], ctx, placement, ref=ref)
+            ds = build_heatmap(source, analysis.models[p.model], ctx, placement, parts)
         built.append(Built(p.kind, p.model, ds))
     return built

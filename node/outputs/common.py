@@ -1,19 +1,26 @@
-"""What the Secondary Captures and the SR share: the node's identity, loop protection, and copying the
-patient and study of the source image."""
+"""What every output shares: the node's identity, loop protection, the series and instance elements, and
+the Contributing Equipment Sequence (the source's acquisition, the models, the node, highdicom)."""
 
 from __future__ import annotations
 
-import copy
+import datetime
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.valuerep import DA, TM
 
 from gradcam.results import DISCLAIMER
+from node.outputs.encoding import Encodings, element, encode_dataset, item, sequence, timestamp
+from node.outputs.source import SourceParts
+
+if TYPE_CHECKING:
+    from node.outputs.identity import OutputContext
 
 __all__ = [
     "Placement",
@@ -21,15 +28,17 @@ __all__ = [
     "MODEL_NAME",
     "SOFTWARE_VERSION",
     "DISCLAIMER",
-    "PATIENT_STUDY_KEYWORDS",
     "is_own_output",
-    "reference_header",
-    "copy_patient_study",
-    "copy_patient_orientation",
     "processing_equipment",
     "processing_algorithm",
     "PROCESSING_ALGORITHM",
+    "SOURCE_IMAGE_PURPOSE",
     "lo",
+    "series_elements",
+    "instance_elements",
+    "algorithm_item",
+    "equipment_item",
+    "contributing_equipment",
 ]
 
 
@@ -59,31 +68,6 @@ def _version() -> str:
 
 SOFTWARE_VERSION = _version()
 
-# Patient and study attributes copied verbatim from the source, so that a PACS files the outputs with it.
-# The first ones are type 2 in every IOD here: present (maybe empty) even when the source lacks them.
-_TYPE2_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyID",
-    "ReferringPhysicianName",
-)
-_OPTIONAL_KEYWORDS = (
-    "IssuerOfPatientID",
-    "IssuerOfPatientIDQualifiersSequence",
-    "OtherPatientIDsSequence",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
-    "StudyDescription",
-    "IssuerOfAccessionNumberSequence",
-)
-PATIENT_STUDY_KEYWORDS = ("StudyInstanceUID", *_TYPE2_KEYWORDS, *_OPTIONAL_KEYWORDS)
-
 
 def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, None)
@@ -104,66 +88,6 @@ def is_own_output(ds: Dataset) -> bool:
     )
 
 
-def _valid_or_none(value: object, kind: type) -> object:
-    if value is None or str(value).strip() == "":
-        return None
-    try:
-        return kind(str(value).strip())
-    except (ValueError, TypeError, OverflowError):
-        return None
-
-
-def reference_header(source: Dataset) -> Dataset:
-    """The source's header without pixel data, with values highdicom validates made acceptable.
-
-    highdicom refuses some values that real images carry (a name without ``^``, sex ``X``, a malformed
-    date); outputs must still be made, so this copy is what highdicom sees, and :func:`copy_patient_study`
-    then puts the source's exact elements back into the output.
-    """
-    ref = Dataset()
-    for element in source:
-        if element.keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-            continue
-        ref.add(copy.deepcopy(element))
-    for keyword in _TYPE2_KEYWORDS:
-        if keyword not in ref or ref[keyword].value is None:
-            setattr(ref, keyword, "")
-    name = _text(ref, "PatientName")
-    if name and "^" not in name:
-        ref.PatientName = name + "^"
-    ref.ReferringPhysicianName = ""  # only copied back verbatim; highdicom's name check is irrelevant here
-    if _text(ref, "PatientSex").upper() not in ("M", "F", "O", ""):
-        ref.PatientSex = ""
-    ref.PatientBirthDate = _valid_or_none(ref.PatientBirthDate, DA) or ""
-    ref.StudyDate = _valid_or_none(ref.StudyDate, DA) or ""
-    ref.StudyTime = _valid_or_none(ref.StudyTime, TM) or ""
-    if "SpecificCharacterSet" in source:
-        ref.SpecificCharacterSet = source.SpecificCharacterSet
-    return ref
-
-
-def copy_patient_study(source: Dataset, target: Dataset) -> None:
-    """Put the source's patient and study elements into ``target`` unchanged (type 2 ones empty if absent)."""
-    for keyword in PATIENT_STUDY_KEYWORDS:
-        if keyword in source:
-            target.add(copy.deepcopy(source[keyword]))
-        elif keyword in _TYPE2_KEYWORDS:
-            setattr(target, keyword, None)
-        elif keyword in target:
-            del target[keyword]
-    if "SpecificCharacterSet" in source:
-        target.SpecificCharacterSet = source.SpecificCharacterSet
-
-
-def copy_patient_orientation(source: Dataset, target: Dataset) -> None:
-    """The source's Patient Orientation, or an empty one (type 2C in the General Image module when there
-    is no frame of reference, as on projection radiographs)."""
-    if "PatientOrientation" in source:
-        target.add(copy.deepcopy(source["PatientOrientation"]))
-    else:
-        target.PatientOrientation = None
-
-
 def lo(text: str) -> str:
     """``text`` cut to the 64 characters of a LO element (configured descriptions may be longer)."""
     return text.strip()[:64]
@@ -171,6 +95,8 @@ def lo(text: str) -> str:
 
 # IHE Radiology AI Results: the algorithm that made an output, in its Contributing Equipment Sequence.
 PROCESSING_ALGORITHM = Code("1630", "99IHE", "Processing Algorithm")
+# Purpose of Reference of the source image that a picture or map is derived from
+SOURCE_IMAGE_PURPOSE = codes.DCM.SourceImageForImageProcessingOperation
 
 
 def _contribution(description: str) -> str:
@@ -216,3 +142,83 @@ def processing_algorithm(model: str, version: str, device_uid: str | None = None
     if device_uid:
         item.DeviceSerialNumber = device_uid
     return item
+
+
+# --- encoded parts -------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def algorithm_item(model: str, version: str, device_uid: str, encodings: Encodings) -> bytes:
+    """:func:`processing_algorithm`, encoded (a Contributing Equipment Sequence item)."""
+    return item(encode_dataset(processing_algorithm(model, version, device_uid), encodings))
+
+
+@lru_cache(maxsize=256)
+def equipment_item(description: str, device_uid: str, software_version: str, encodings: Encodings) -> bytes:
+    """:func:`processing_equipment`, encoded (a Contributing Equipment Sequence item)."""
+    return item(encode_dataset(processing_equipment(description, device_uid, software_version), encodings))
+
+
+@lru_cache(maxsize=16)
+def _highdicom_elements(encodings: Encodings) -> tuple[bytes, ...]:
+    equipment = hd.ContributingEquipment.for_highdicom()
+    del equipment.ContributionDateTime  # the one value that changes: added per output
+    return tuple(encode_dataset(equipment, encodings))
+
+
+def contributing_equipment(source: SourceParts, items: Iterable[bytes], now: datetime.datetime) -> bytes:
+    """The Contributing Equipment Sequence as highdicom made it: the source's acquisition equipment (where
+    it has one), ``items`` (the models and the node), and highdicom itself, contributing at ``now``."""
+    made_by = item([*_highdicom_elements(source.encodings), element(0x0018A002, "DT", timestamp(now)[2])])
+    acquisition = [] if source.acquisition is None else [source.acquisition]
+    return sequence(0x0018A001, [*acquisition, *items, made_by])
+
+
+def series_elements(
+    ctx: OutputContext, kind: str, sop_class_uid: str, modality: str, encodings: Encodings
+) -> tuple[bytes, ...]:
+    """The elements of a ``kind`` output (``sc``, ``heatmap``, ``sr``) that the configuration decides:
+    class and modality, its series (``[outputs] <kind>_series_number`` and ``_description``), the node as
+    equipment."""
+    number = getattr(ctx.outputs, f"{kind}_series_number")
+    description = lo(getattr(ctx.outputs, f"{kind}_series_description"))
+    return _series_elements(
+        sop_class_uid, modality, number, description, ctx.device_uid, ctx.software_version, encodings
+    )
+
+
+@lru_cache(maxsize=64)
+def _series_elements(
+    sop_class_uid: str,
+    modality: str,
+    series_number: int,
+    series_description: str,
+    device_uid: str,
+    software_version: str,
+    encodings: Encodings,
+) -> tuple[bytes, ...]:
+    return (
+        element(0x00080016, "UI", sop_class_uid),
+        element(0x00080060, "CS", modality),
+        element(0x00080070, "LO", MANUFACTURER, encodings),
+        element(0x0008103E, "LO", series_description, encodings),
+        element(0x00081090, "LO", MODEL_NAME, encodings),
+        element(0x00181000, "LO", device_uid, encodings),
+        element(0x00181020, "LO", software_version, encodings),
+        element(0x00200011, "IS", series_number),
+    )
+
+
+def instance_elements(placement: Placement, now: datetime.datetime) -> list[bytes]:
+    """The elements of one output instance: its UIDs and number, and when it was made (creation and
+    content date and time, as highdicom set them)."""
+    date, time, _ = timestamp(now)
+    return [
+        element(0x00080012, "DA", date),
+        element(0x00080013, "TM", time),
+        element(0x00080018, "UI", placement.sop_uid),
+        element(0x00080023, "DA", date),
+        element(0x00080033, "TM", time),
+        element(0x0020000E, "UI", placement.series_uid),
+        element(0x00200013, "IS", str(placement.instance_number)),
+    ]

@@ -18,19 +18,31 @@ def _circle(row: int, col: int, radius: float) -> np.ndarray:
     return np.vstack([pts, pts[:1]]).astype(np.float32)
 
 
-def _outline(region: np.ndarray) -> np.ndarray | None:
+def _outline(region: np.ndarray, origin: tuple[int, int] = (0, 0)) -> np.ndarray | None:
     """The outer boundary of a binary region in DICOM image coordinates, just inside the pixel edges.
 
     Traced on the region enlarged 2x, so that the boundary runs a quarter pixel inside the region's outer
     pixel edges instead of through the centres of its border pixels: every pixel of the region, a
-    one-pixel region included, has its centre strictly inside.
+    one-pixel region included, has its centre strictly inside. ``region`` may be cut out of the image at
+    ``origin`` (column, row), with a margin of background where it does not reach the image's edge.
     """
     big = cv2.resize(region, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return None
-    contour = max(contours, key=cv2.contourArea)
-    return (contour.reshape(-1, 2).astype(np.float32) + 0.5) / 2.0
+    contour = max(contours, key=cv2.contourArea).reshape(-1, 2) + 2 * np.asarray(origin)
+    return (contour.astype(np.float32) + 0.5) / 2.0
+
+
+def _component(mask: np.ndarray, row: int, col: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The 8-connected component of ``mask`` at (``row``, ``col``), cut out with a one-pixel margin, and
+    where it was cut (column, row): tracing only its box is the same trace, a fraction of the work."""
+    _, labels = cv2.connectedComponents(mask, connectivity=8)
+    region = (labels == labels[row, col]).astype(np.uint8)
+    left, top, width, height = cv2.boundingRect(region)
+    x0, y0 = max(left - 1, 0), max(top - 1, 0)
+    x1, y1 = min(left + width + 1, mask.shape[1]), min(top + height + 1, mask.shape[0])
+    return region[y0:y1, x0:x1], (x0, y0)
 
 
 def _simplified(outline: np.ndarray, inside: tuple[float, float]) -> np.ndarray:
@@ -64,8 +76,7 @@ def hot_region(cam: np.ndarray, peak: tuple[int, int], fraction: float = HOT_FRA
         return _circle(row, col, max(2.0, 0.02 * min(h, w)))
     mask = (arr >= fraction * top).astype(np.uint8)
     mask[row, col] = 1  # the peak belongs to its region even if the caller's peak is not the maximum
-    _, labels = cv2.connectedComponents(mask, connectivity=8)
-    outline = _outline((labels == labels[row, col]).astype(np.uint8))
+    outline = _outline(*_component(mask, row, col))
     if outline is None:
         return _circle(row, col, max(2.0, 0.02 * min(h, w)))
     pts = _simplified(outline, (col + 0.5, row + 0.5))

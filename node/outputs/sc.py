@@ -1,5 +1,6 @@
 """Secondary Captures: one model's Grad-CAM overlay (kind ``sc``), or the summary of every model and the
-consensus on one image (kind ``summary``), both highdicom ``SCImage`` in RGB.
+consensus on one image (kind ``summary``), both in RGB: the objects highdicom's ``SCImage`` made, assembled
+from encoded parts (:mod:`node.outputs.encoding`).
 
 What identifies the algorithm: DerivationDescription (models, probabilities, thresholds, decisions, the
 consensus, checkpoints, software version), DerivationCodeSequence (DCM 130403 "Gradient-weighted class
@@ -11,38 +12,35 @@ caption holds model names, numbers and the disclaimer, nothing that identifies t
 
 from __future__ import annotations
 
-import copy
+import datetime
 from collections.abc import Sequence
+from functools import lru_cache
 
-import highdicom as hd
 import numpy as np
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from gradcam.results import DISCLAIMER, AnalysisResult, ModelResult
 from node.outputs.common import (
     MANUFACTURER,
     MODEL_NAME,
+    SOURCE_IMAGE_PURPOSE,
     Placement,
-    copy_patient_orientation,
-    copy_patient_study,
-    lo,
-    processing_algorithm,
-    processing_equipment,
-    reference_header,
+    algorithm_item,
+    contributing_equipment,
+    equipment_item,
+    instance_elements,
+    series_elements,
 )
+from node.outputs.encoding import Encodings, assemble, code_item, element, encode, item, sequence, timestamp
 from node.outputs.identity import OutputContext
+from node.outputs.source import SourceParts, source_parts
 
 __all__ = ["build_secondary_capture", "derivation_description"]
 
-# highdicom insists on an orientation for patient images; the source's own value (or an empty one,
-# allowed for type 2C) replaces it right after construction.
-_PLACEHOLDER_ORIENTATION = ("L", "F")
-
-
-def _code_item(code: object) -> Dataset:
-    return hd.sr.CodedConcept.from_code(code)  # type: ignore[arg-type]
+SC_SOP_CLASS = str(SecondaryCaptureImageStorage)
 
 
 def _check_overlay(overlay: np.ndarray) -> np.ndarray:
@@ -82,26 +80,73 @@ def derivation_description(analysis: AnalysisResult, model: str | None, ctx: Out
     return f"{what}; {_consensus(analysis)}; {MANUFACTURER} {ctx.software_version}; {DISCLAIMER}"
 
 
-def _source_reference(source: Dataset) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = source.SOPClassUID
-    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    item.PurposeOfReferenceCodeSequence = [_code_item(codes.DCM.SourceImageForImageProcessingOperation)]
-    return item
+@lru_cache(maxsize=16)
+def _picture_elements(version: str, encodings: Encodings) -> tuple[bytes, ...]:
+    """What every Secondary Capture says about itself and its pixels."""
+    return (
+        element(0x00080008, "CS", ["DERIVED", "SECONDARY"]),
+        element(0x00080064, "CS", "WSD"),  # made by a workstation (software), not digitised
+        element(0x00181016, "LO", MANUFACTURER, encodings),
+        element(0x00181018, "LO", MODEL_NAME, encodings),
+        element(0x00181019, "LO", version, encodings),
+        element(0x00280002, "US", 3),
+        element(0x00280004, "CS", "RGB"),
+        element(0x00280006, "US", 0),
+        element(0x00280100, "US", 8),
+        element(0x00280101, "US", 8),
+        element(0x00280102, "US", 7),
+        element(0x00280103, "US", 0),
+        element(0x00280301, "CS", "NO"),  # the caption names models, numbers and the disclaimer: no patient
+    )
 
 
-def _derivation_codes(source: Dataset, overlay: np.ndarray) -> list[Dataset]:
-    items = [_code_item(codes.DCM.GradientWeightedClassActivation)]
-    if (source.get("Rows"), source.get("Columns")) != overlay.shape[:2]:
-        items.append(_code_item(codes.DCM.SpatialResampling))
-    return items
+@lru_cache(maxsize=16)
+def _derivation_codes(resampled: bool, encodings: Encodings) -> bytes:
+    """DCM 130403 "Gradient-weighted class activation", and "Spatial resampling" when the picture does
+    not have the source's geometry."""
+    items = [code_item(codes.DCM.GradientWeightedClassActivation, encodings)]
+    if resampled:
+        items.append(code_item(codes.DCM.SpatialResampling, encodings))
+    return sequence(0x00089215, items)
+
+
+def _source_reference(parts: SourceParts) -> bytes:
+    purpose = code_item(SOURCE_IMAGE_PURPOSE, parts.encodings)
+    reference = item(
+        [
+            element(0x00081150, "UI", parts.sop_class_uid),
+            element(0x00081155, "UI", parts.sop_instance_uid),
+            sequence(0x0040A170, [purpose]),
+        ]
+    )
+    return sequence(0x00082112, [reference])
+
+
+def _copied_from_source(source: Dataset, encodings: Encodings) -> list[bytes]:
+    """Body part and laterality where the source has them; lossy compression where it was lossy (a
+    picture drawn on a lossy-compressed image says so, as the standard asks of derived images)."""
+    out = [
+        encode(source[k], encodings)
+        for k in ("BodyPartExamined", "Laterality")
+        if k in source and source[k].value
+    ]
+    if str(source.get("LossyImageCompression", "")).strip() == "01":
+        out.append(element(0x00282110, "CS", "01"))
+        out.extend(
+            encode(source[k], encodings)
+            for k in ("LossyImageCompressionRatio", "LossyImageCompressionMethod")
+            if k in source
+        )
+    return out
 
 
 def _equipment(
-    results: Sequence[ModelResult], ctx: OutputContext, what: str
-) -> list[hd.ContributingEquipment]:
-    items = [processing_algorithm(r.model, ctx.model(r.model).version, ctx.device_uid) for r in results]
-    return [*items, processing_equipment(what, ctx.device_uid, ctx.software_version)]
+    results: Sequence[ModelResult], ctx: OutputContext, what: str, parts: SourceParts, now: datetime.datetime
+) -> bytes:
+    enc = parts.encodings
+    items = [algorithm_item(r.model, ctx.model(r.model).version, ctx.device_uid, enc) for r in results]
+    processing = equipment_item(what, ctx.device_uid, ctx.software_version, enc)
+    return contributing_equipment(parts, [*items, processing], now)
 
 
 def build_secondary_capture(
@@ -111,63 +156,41 @@ def build_secondary_capture(
     model: str | None,
     ctx: OutputContext,
     placement: Placement,
-    ref: Dataset | None = None,
+    parts: SourceParts | None = None,
 ) -> Dataset:
     """One Secondary Capture (RGB, explicit VR little endian) of ``overlay`` in the source's study.
 
     ``model`` names the model whose map ``overlay`` shows; None for the summary of all models. Patient and
     study attributes are the source's; series, SOP Instance UID and Instance Number come from
-    ``placement``. ``ref`` is :func:`node.outputs.common.reference_header` of ``source`` when the caller has
+    ``placement``. ``parts`` is :func:`node.outputs.source.source_parts` of ``source`` when the caller has
     it already. Raises ValueError/TypeError for a bad overlay or source, KeyError for an unknown model.
     """
     pixels = _check_overlay(overlay)
-    ref = reference_header(source) if ref is None else ref
+    parts = source_parts(source) if parts is None else parts
+    enc = parts.encodings
     results = list(analysis.models.values()) if model is None else [analysis.models[model]]
     what = "Summary of the pneumonia classification" if model is None else f"Grad-CAM heatmap of {model}"
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=ref,
-        pixel_array=pixels,
-        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-        bits_allocated=8,
-        coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=placement.series_uid,
-        series_number=ctx.outputs.sc_series_number,
-        sop_instance_uid=placement.sop_uid,
-        instance_number=placement.instance_number,
-        manufacturer=MANUFACTURER,
-        patient_orientation=_PLACEHOLDER_ORIENTATION,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=_equipment(results, ctx, what),
-        series_description=lo(ctx.outputs.sc_series_description),
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=ctx.software_version,
-    )
-    copy_patient_study(source, sc)
-    copy_patient_orientation(source, sc)
-    for keyword in ("BodyPartExamined", "Laterality"):
-        if keyword in source and source[keyword].value:
-            sc.add(copy.deepcopy(source[keyword]))
-    sc.DeviceSerialNumber = ctx.device_uid
     description = derivation_description(analysis, model, ctx)
-    _describe(sc, source, pixels, description, ctx.software_version)
-    return sc
-
-
-def _describe(sc: Dataset, source: Dataset, pixels: np.ndarray, description: str, version: str) -> None:
-    """Derivation, references, burned-in annotation and the disclaimer."""
-    sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.BurnedInAnnotation = "NO"  # the caption names models, numbers and the disclaimer: no patient
-    sc.ConversionType = "WSD"  # made by a workstation (software), not digitised
-    sc.SecondaryCaptureDeviceManufacturer = MANUFACTURER
-    sc.SecondaryCaptureDeviceManufacturerModelName = MODEL_NAME
-    sc.SecondaryCaptureDeviceSoftwareVersions = version
-    sc.SourceImageSequence = [_source_reference(source)]
-    sc.DerivationDescription = description[:1024]
-    sc.DerivationCodeSequence = _derivation_codes(source, pixels)
-    sc.ImageComments = f"{DISCLAIMER}. {description}"[:10240]
-    if str(source.get("LossyImageCompression", "")).strip() == "01":
-        # the heatmap is drawn on a lossy-compressed image: say so, as the standard asks of derived images
-        sc.LossyImageCompression = "01"
-        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
-            if keyword in source:
-                sc.add(copy.deepcopy(source[keyword]))
+    rows, columns = pixels.shape[:2]
+    now = datetime.datetime.now()
+    date, time, _ = timestamp(now)
+    elements = [
+        *series_elements(ctx, "sc", SC_SOP_CLASS, "OT", enc),
+        *_picture_elements(ctx.software_version, enc),
+        *instance_elements(placement, now),
+        *parts.patient_study,
+        parts.orientation,
+        element(0x00181012, "DA", date),  # Date and Time of Secondary Capture
+        element(0x00181014, "TM", time),
+        element(0x00280010, "US", rows),
+        element(0x00280011, "US", columns),
+        element(0x00082111, "ST", description[:1024], enc),
+        element(0x00204000, "LT", f"{DISCLAIMER}. {description}"[:10240], enc),
+        _source_reference(parts),
+        _derivation_codes((source.get("Rows"), source.get("Columns")) != (rows, columns), enc),
+        *_copied_from_source(source, enc),
+        _equipment(results, ctx, what, parts, now),
+    ]
+    return assemble(
+        elements, SC_SOP_CLASS, placement.sop_uid, DataElement(0x7FE00010, "OB", pixels.tobytes())
+    )

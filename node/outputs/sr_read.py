@@ -9,7 +9,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from node.outputs.sr import (
+from node.outputs.sr_content import (
     ABSENT,
     CONSENSUS_TRACKING_ID,
     ILLUSTRATION,

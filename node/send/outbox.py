@@ -1,8 +1,12 @@
 """Durable outbox: the queries behind sending results (one Send per job and destination).
 
-A Send is ``pending`` until it is due (``next_attempt_at``), ``sending`` while an association is open,
-then ``sent`` or, after ``outbox.max_attempts`` failed attempts, ``failed``. Every attempt is kept as a
+A Send is ``pending`` until it is due (``next_attempt_at``), ``sending`` while a sender holds it (under a
+lease, :mod:`node.db.leases`: a send whose sender vanished is claimed again once the lease runs out), then
+``sent`` or, after ``outbox.max_attempts`` failed attempts, ``failed``. Every attempt is kept as a
 SendAttempt with its outcome and per-instance statuses, so an operator can see why results did not arrive.
+
+Each file the destination acknowledges is recorded at once (:class:`~node.db.Delivery`): an attempt cut
+short, by a lost association or a kill, is followed by one that sends only the files not yet delivered.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Destination, OutboxConfig
-from node.db import Output, Send, SendAttempt, SendStatus, utcnow
+from node.db import Delivery, Output, Send, SendAttempt, SendStatus, holder_id, utcnow
 
 __all__ = [
     "OutgoingFile",
@@ -26,6 +30,7 @@ __all__ = [
     "due_send_ids",
     "next_due_at",
     "claim_send",
+    "record_delivery",
     "record_attempt",
 ]
 
@@ -52,7 +57,8 @@ class SendWork:
     host: str
     port: int
     attempt: int
-    files: tuple[OutgoingFile, ...]
+    files: tuple[OutgoingFile, ...]  # the job's outputs not yet delivered to this destination
+    delivered: int = 0  # files delivered by earlier attempts
 
 
 def backoff_delay(attempts: int, cfg: OutboxConfig) -> float:
@@ -87,9 +93,12 @@ def create_send(session: Session, job_id: int, dest: Destination, now: datetime 
 
 
 def _due_clause(now: datetime):  # noqa: ANN202 - an SQLAlchemy boolean clause
-    return (Send.status == SendStatus.PENDING) & or_(
+    due = (Send.status == SendStatus.PENDING) & or_(
         Send.next_attempt_at.is_(None), Send.next_attempt_at <= now
     )
+    # held by a sender that vanished (rows without a lease, from before leases, are recover()'s)
+    orphaned = (Send.status == SendStatus.SENDING) & (Send.lease_until < now)
+    return or_(due, orphaned)
 
 
 def due_send_ids(session: Session, now: datetime | None = None, limit: int = 100) -> list[int]:
@@ -116,21 +125,46 @@ def next_due_at(session: Session) -> datetime | None:
     return as_utc(earliest)
 
 
-def claim_send(factory: sessionmaker[Session], send_id: int, now: datetime | None = None) -> SendWork | None:
-    """Atomically move one due send to ``sending`` and count the attempt; None if another claim won."""
+def claim_send(
+    factory: sessionmaker[Session],
+    send_id: int,
+    now: datetime | None = None,
+    *,
+    holder: str = "",
+    lease_s: float = 30.0,
+) -> SendWork | None:
+    """Atomically move one due send to ``sending`` under a lease to ``holder`` (default: this process)
+    and count the attempt; None if another sender holds it (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) or
+    took it first."""
     now = now or utcnow()
+    holder = holder or holder_id()
     with factory.begin() as session:
+        locked = session.scalar(
+            select(Send.id).where(Send.id == send_id, _due_clause(now)).with_for_update(skip_locked=True)
+        )
+        if locked is None:
+            return None
         claimed = session.execute(
             update(Send)
             .where(Send.id == send_id, _due_clause(now))
-            .values(status=SendStatus.SENDING, attempts=Send.attempts + 1)
+            .values(
+                status=SendStatus.SENDING,
+                attempts=Send.attempts + 1,
+                leased_by=holder,
+                lease_until=now + timedelta(seconds=lease_s),
+            )
             .execution_options(synchronize_session=False)
         ).rowcount
         if claimed != 1:
             return None
         send = session.get(Send, send_id, populate_existing=True)
         assert send is not None  # just updated in this transaction
-        rows = session.scalars(select(Output).where(Output.job_id == send.job_id).order_by(Output.id)).all()
+        done = set(session.scalars(select(Delivery.sop_instance_uid).where(Delivery.send_id == send_id)))
+        rows = [
+            o
+            for o in session.scalars(select(Output).where(Output.job_id == send.job_id).order_by(Output.id))
+            if o.sop_instance_uid not in done
+        ]
         files = tuple(
             OutgoingFile(
                 sop_class_uid=o.sop_class_uid,
@@ -150,7 +184,20 @@ def claim_send(factory: sessionmaker[Session], send_id: int, now: datetime | Non
             port=send.port,
             attempt=send.attempts,
             files=files,
+            delivered=len(done),
         )
+
+
+def record_delivery(factory: sessionmaker[Session], send_id: int, sop_instance_uid: str, status: int) -> None:
+    """The destination acknowledged one file of a send: it is not sent again by a later attempt."""
+    with factory.begin() as session:
+        known = session.scalar(
+            select(Delivery.id).where(
+                Delivery.send_id == send_id, Delivery.sop_instance_uid == sop_instance_uid
+            )
+        )
+        if known is None:
+            session.add(Delivery(send_id=send_id, sop_instance_uid=sop_instance_uid, status=status))
 
 
 def record_attempt(
@@ -180,6 +227,8 @@ def record_attempt(
         if send is None:
             raise LookupError(f"send {work.send_id} vanished while it was being sent")
         next_at: datetime | None = None
+        send.leased_by = None
+        send.lease_until = None
         if ok:
             send.status = SendStatus.SENT
             send.sent_at = finished_at

@@ -10,6 +10,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,7 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gradcam.errors import ConfigError
 from node.config import Destination, Settings
-from node.db import SendStatus, utcnow
+from node.db import LeaseKeeper, SendStatus, holder_id, utcnow
+from node.db.doorbell import SENDS, Listener
 from node.queue import JobSignal
 from node.send.outbox import (
     OutgoingFile,
@@ -34,6 +36,7 @@ from node.send.outbox import (
     due_send_ids,
     next_due_at,
     record_attempt,
+    record_delivery,
 )
 from node.tls import ClientContext, describe_tls_error, tls_args
 
@@ -218,8 +221,8 @@ def _resume_reactor(assoc: Association) -> None:
         checkpoint.set()
 
 
-def _send_one(assoc: Association, msg_id: int, f: OutgoingFile) -> tuple[str, bool, bool]:
-    """C-STORE one file: ``(status text, stored, association still usable)``.
+def _send_one(assoc: Association, msg_id: int, f: OutgoingFile) -> tuple[str, int | None, bool]:
+    """C-STORE one file: ``(status text, the response's status or None, association still usable)``.
 
     The file goes out as it lies on disk (no decoding and re-encoding) when the peer accepted its transfer
     syntax; otherwise it is read and pynetdicom converts it to an accepted one.
@@ -231,16 +234,16 @@ def _send_one(assoc: Association, msg_id: int, f: OutgoingFile) -> tuple[str, bo
         except ValueError:
             rsp = assoc.send_c_store(dcmread(f.path), msg_id=msg_id)  # needs another transfer syntax
     except (OSError, InvalidDicomError, AttributeError) as exc:
-        return f"{f.sop_instance_uid}=unreadable ({exc})", False, True
+        return f"{f.sop_instance_uid}=unreadable ({exc})", None, True
     except ValueError as exc:
         # no accepted presentation context for this SOP class / transfer syntax
-        return f"{f.sop_instance_uid}=not sent ({exc})", False, True
+        return f"{f.sop_instance_uid}=not sent ({exc})", None, True
     finally:
         _resume_reactor(assoc)  # send_c_store resumes it after a response; not when it raised before
     code = rsp.get("Status")
     if code is None:
-        return f"{f.sop_instance_uid}=no response (timeout or connection lost)", False, False
-    return f"{f.sop_instance_uid}=0x{int(code):04X}", int(code) in STORED_STATUSES, assoc.is_established
+        return f"{f.sop_instance_uid}=no response (timeout or connection lost)", None, False
+    return f"{f.sop_instance_uid}=0x{int(code):04X}", int(code), assoc.is_established
 
 
 @dataclass(frozen=True)
@@ -253,8 +256,10 @@ class SendOutcome:
     finished: datetime
 
 
-def _no_files() -> SendOutcome:
+def _no_files(work: SendWork) -> SendOutcome:
     now = utcnow()
+    if work.delivered:  # an earlier attempt delivered them all, and was cut short before it could say so
+        return SendOutcome(True, f"all {work.delivered} files were delivered by earlier attempts", now, now)
     return SendOutcome(False, "no output files recorded for this job", now, now)
 
 
@@ -306,10 +311,13 @@ class Link:
         open_ = self.assoc is not None and self.assoc.is_established
         return self.where == _where(work) and (self.error is not None or open_)
 
-    def send(self, work: SendWork) -> SendOutcome:
-        """C-STORE every file of ``work``; its outcome (stored or not, per-instance statuses)."""
+    def send(
+        self, work: SendWork, delivered: Callable[[OutgoingFile, int], None] | None = None
+    ) -> SendOutcome:
+        """C-STORE every file of ``work``; its outcome (stored or not, per-instance statuses).
+        ``delivered`` is told of each file the destination acknowledged, as it is."""
         if not work.files:
-            return _no_files()
+            return _no_files(work)
         started = utcnow()
         if self.error is not None:
             return SendOutcome(False, self.error, started, started)
@@ -326,9 +334,12 @@ class Link:
                 self._not_accepted(f)
                 continue
             self._msg_id += 1
-            text, stored, usable = _send_one(self.assoc, self._msg_id, f)
+            text, status, usable = _send_one(self.assoc, self._msg_id, f)
             statuses.append(text)
+            stored = status is not None and status in STORED_STATUSES
             ok = ok and stored
+            if stored and delivered is not None:
+                delivered(f, status)
             if not usable:
                 statuses.append("association lost")
                 ok = False
@@ -368,6 +379,11 @@ class Sender:
         self.settings = settings
         self.factory = sessionmaker
         self.signal = send_signal
+        self.holder = holder_id()
+        self._held: set[int] = set()  # the sends the threads are sending now (their leases are renewed)
+        self._held_lock = threading.Lock()
+        self.leases = LeaseKeeper(sessionmaker, self.holder, settings.worker.lease_s, self._holding)
+        self.doorbell = Listener(settings.database_url, SENDS, send_signal.notify)  # PostgreSQL only
         self._stop = threading.Event()
         n = settings.outbox.associations
         self._threads = [
@@ -383,6 +399,8 @@ class Sender:
     def start(self) -> None:
         """Start the threads."""
         log.info("sender started (%d associations at most)", len(self._threads))
+        self.leases.start()
+        self.doorbell.start()
         for t in self._threads:
             t.start()
 
@@ -397,6 +415,8 @@ class Sender:
         for t in self._threads:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if not self.is_alive():
+            self.doorbell.stop()
+            self.leases.stop()
             log.info("sender stopped")
 
     def is_alive(self) -> bool:
@@ -419,12 +439,17 @@ class Sender:
             if not worked and not self._stop.is_set():
                 self.signal.wait(timeout)
 
-    def _wait_time(self) -> float | None:
+    def _holding(self) -> tuple[list[int], list[int]]:
+        with self._held_lock:
+            return [], list(self._held)
+
+    def _wait_time(self) -> float:
+        """Until the next send is due, at most ``[worker] poll_s`` (sends that workers in other processes
+        queue: those on this machine ring, the others are found by looking)."""
         with self.factory() as session:
             due = next_due_at(session)
-        if due is None:
-            return None  # nothing pending: sleep until a new send is committed
-        return max(0.0, (due - utcnow()).total_seconds())
+        poll = self.settings.worker.poll_s
+        return poll if due is None else min(poll, max(0.0, (due - utcnow()).total_seconds()))
 
     def _drain(self, linger_s: float = _LINGER_S) -> bool:
         """Send everything due, and what becomes due meanwhile; True if anything was attempted.
@@ -444,7 +469,9 @@ class Sender:
                 for send_id in ids:
                     if self._stop.is_set():
                         break
-                    work = claim_send(self.factory, send_id)
+                    work = claim_send(
+                        self.factory, send_id, holder=self.holder, lease_s=self.settings.worker.lease_s
+                    )
                     if work is None:
                         continue
                     progressed = worked = True
@@ -471,13 +498,28 @@ class Sender:
         return worked
 
     def _attempt(self, link: Link, work: SendWork) -> None:
+        with self._held_lock:
+            self._held.add(work.send_id)
         try:
-            outcome = link.send(work)
-        except Exception as exc:  # noqa: BLE001 - any network-layer surprise is one failed attempt, recorded
-            log.exception("send %d: unexpected error while sending", work.send_id)
-            now = utcnow()
-            outcome = SendOutcome(False, f"unexpected error: {type(exc).__name__}: {exc}", now, now)
-        self._log(work, outcome)
+            try:
+                outcome = link.send(work, lambda f, status: self._delivered(work, f, status))
+            except Exception as exc:  # noqa: BLE001 - any network-layer surprise is one failed attempt, recorded
+                log.exception("send %d: unexpected error while sending", work.send_id)
+                now = utcnow()
+                outcome = SendOutcome(False, f"unexpected error: {type(exc).__name__}: {exc}", now, now)
+            self._log(work, outcome)
+        finally:
+            with self._held_lock:
+                self._held.discard(work.send_id)
+
+    def _delivered(self, work: SendWork, f: OutgoingFile, status: int) -> None:
+        """Note one acknowledged file at once, so that no later attempt sends it again."""
+        try:
+            record_delivery(self.factory, work.send_id, f.sop_instance_uid, status)
+        except OperationalError as exc:  # the attempt's record still lists it; a retry may send it again
+            log.warning(
+                "send %d: cannot record the delivery of %s yet: %s", work.send_id, f.sop_instance_uid, exc
+            )
 
     def _log(self, work: SendWork, outcome: SendOutcome) -> None:
         ms = (outcome.finished - outcome.started).total_seconds() * 1000.0

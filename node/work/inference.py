@@ -31,7 +31,15 @@ from gradcam.analysis import LoadedModelInfo, RawOutput
 from gradcam.config import CoreConfig
 from gradcam.errors import GradcamError, InputError
 
-__all__ = ["ChildError", "InferenceProcess", "ModelError", "ModelStartError", "default_threads"]
+__all__ = [
+    "ChildError",
+    "DeviceError",
+    "InferenceProcess",
+    "ModelError",
+    "ModelStartError",
+    "default_threads",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,10 @@ class ModelError(Exception):
     """The models failed on an image for a reason that another try will not change."""
 
 
+class DeviceError(GradcamError):
+    """``[worker] device`` names a device this machine does not have."""
+
+
 class ModelStartError(RuntimeError):
     """The model process did not start for a reason other than a model's own error (those, e.g.
     :class:`~gradcam.errors.CheckpointMissingError`, are raised as they are)."""
@@ -93,7 +105,33 @@ def _classify(exc: BaseException) -> ChildError:
     return ChildError(kind, type(exc).__name__, str(exc).strip())
 
 
-def _child_main(conn: Connection, core: CoreConfig, threads: int) -> None:  # pragma: no cover - child
+def resolve_device(device: str, slot: int = 0) -> str:
+    """``[worker] device`` as torch names it: ``auto`` is a CUDA GPU when one is usable (local worker
+    ``slot`` takes GPU ``slot`` modulo their number, so that the workers of one machine spread over its
+    GPUs), else ``cpu``. Raises :class:`DeviceError` for a CUDA device this machine does not have."""
+    import torch
+
+    if device == "auto":
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{slot % torch.cuda.device_count()}"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f'[worker] device = "{device}", but torch sees no CUDA GPU here: set device = "auto" or "cpu"'
+            )
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise DeviceError(
+                f'[worker] device = "{device}", but this machine has {torch.cuda.device_count()} CUDA '
+                "GPU(s): use cuda:0 to cuda:N-1"
+            )
+    return device
+
+
+def _child_main(  # pragma: no cover - child
+    conn: Connection, core: CoreConfig, threads: int, device: str, slot: int
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import torch
@@ -102,12 +140,13 @@ def _child_main(conn: Connection, core: CoreConfig, threads: int) -> None:  # pr
 
     torch.set_num_threads(threads)
     try:
-        analyzer = Analyzer(core)
+        where = resolve_device(device, slot)
+        analyzer = Analyzer(core, device=where)
         analyzer.warm_up()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which refuses to start
         conn.send(("error", _portable(exc)))
         return
-    conn.send(("ready", analyzer.infos))
+    conn.send(("ready", (analyzer.infos, where)))
     log_child = logging.getLogger("node.work.inference.child")
     while True:
         try:
@@ -140,9 +179,11 @@ def _run_batch(analyzer: Any, inputs: dict[str, np.ndarray], log_child: logging.
 class InferenceProcess:
     """The parent's handle on the model process: start, run a batch, stop. One caller thread at a time."""
 
-    def __init__(self, core: CoreConfig, threads: int = 0) -> None:
+    def __init__(self, core: CoreConfig, threads: int = 0, device: str = "auto", slot: int = 0) -> None:
         self.core = core
+        self.slot = slot
         self.threads = threads if threads > 0 else default_threads()
+        self.device = device  # as configured until the child says which it took
         self.models: list[LoadedModelInfo] = []
         self._ctx = mp.get_context("spawn")  # never fork a process that has threads and torch state
         self._proc: Any = None
@@ -160,7 +201,10 @@ class InferenceProcess:
         """
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(
-            target=_child_main, args=(child, self.core, self.threads), name="gradcam-models", daemon=True
+            target=_child_main,
+            args=(child, self.core, self.threads, self.device, self.slot),
+            name="gradcam-models",
+            daemon=True,
         )
         proc.start()
         child.close()
@@ -181,8 +225,9 @@ class InferenceProcess:
             if isinstance(detail, GradcamError):
                 raise detail
             raise ModelStartError(f"cannot load the models: {detail}")
-        self._proc, self._conn, self.models = proc, parent, list(detail)
-        log.info("model process %d ready (%d torch threads)", proc.pid, self.threads)
+        infos, self.device = detail
+        self._proc, self._conn, self.models = proc, parent, list(infos)
+        log.info("model process %d ready on %s (%d torch threads)", proc.pid, self.device, self.threads)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the child to exit (after the batch it is running) and wait; kill it if it does not."""

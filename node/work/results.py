@@ -5,7 +5,6 @@ in one transaction. Also the node's device UID, generated once per installation.
 
 from __future__ import annotations
 
-import io
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,11 +19,13 @@ from gradcam.results import AnalysisResult
 from node.config import Destination
 from node.db import Instance, Job, JobStatus, Output, Result, Setting, utcnow
 from node.outputs import Built, Planned
+from node.outputs.encoding import file_bytes
 from node.receive.spool import output_path, write_atomic
 from node.send.outbox import create_send
 
 __all__ = [
     "PermanentError",
+    "LostLease",
     "device_uid",
     "predecessor_of",
     "instance_numbers",
@@ -37,6 +38,11 @@ _DEVICE_UID = "device_uid"
 
 class PermanentError(Exception):
     """This job cannot succeed however often it is tried; the message says why."""
+
+
+class LostLease(Exception):
+    """The job is no longer this worker's: its lease ran out and another worker took it over (which makes
+    the same outputs, with the same UIDs), or an operator changed it meanwhile."""
 
 
 def device_uid(factory: sessionmaker[Session], configured: str = "") -> str:
@@ -131,9 +137,7 @@ def write_outputs(storage_dir: object, source_uid: str, built: Iterable[Built]) 
             path = output_path(storage_dir, source_uid, str(ds.SOPInstanceUID))  # type: ignore[arg-type]
         except ValueError as exc:
             raise PermanentError(str(exc)) from exc
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        write_atomic(path, buf.getvalue())
+        write_atomic(path, file_bytes(ds))
         rows.append(
             Output(
                 kind=b.kind,
@@ -160,16 +164,19 @@ class Done:
     outputs: list[Output]
     destination: Destination | None
     duration_ms: float
+    holder: str  # the worker process that holds the job's lease (node.db.leases.holder_id)
 
 
 def record_done(factory: sessionmaker[Session], done: Done, now: datetime | None = None) -> None:
     """Commit a job's results, outputs and send (if it has a destination) and mark it ``done``, in one
-    transaction; PermanentError if the job is no longer this worker's."""
+    transaction, ending the worker's lease; :class:`LostLease` if the job is no longer this worker's."""
     now = now or utcnow()
     with factory.begin() as s:
-        row = s.get(Job, done.job_id)
-        if row is None or row.status != JobStatus.RUNNING:
-            raise PermanentError(f"job {done.job_id} is no longer running (state changed underneath)")
+        row = s.get(Job, done.job_id, with_for_update=True)
+        if row is None or row.status != JobStatus.RUNNING or row.leased_by != done.holder:
+            holder = "nobody" if row is None else (row.leased_by or "nobody")
+            state = "gone" if row is None else row.status
+            raise LostLease(f"job {done.job_id} is no longer this worker's ({state}, held by {holder})")
         for r in done.analysis.models.values():
             s.add(
                 Result(
@@ -198,3 +205,5 @@ def record_done(factory: sessionmaker[Session], done: Done, now: datetime | None
         row.finished_at = now
         row.next_attempt_at = None
         row.duration_ms = done.duration_ms
+        row.leased_by = None
+        row.lease_until = None

@@ -215,3 +215,22 @@ def test_reader_that_goes_away_ends_quietly(tmp_path: Path, resnet: Path) -> Non
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 141, stderr
     assert stderr == ""
+
+
+def test_a_gpu_this_machine_has_not_is_one_line(tmp_path: Path, resnet: Path) -> None:
+    """`work` and `serve` on [worker] device = "cuda:63": no machine here has 64 GPUs."""
+    cfg = _config(tmp_path, {"ResNet18": resnet}, worker={"device": "cuda:63"})
+    for command in ("work", "serve"):
+        error = _one_error(_cli("--config", cfg, command))
+        assert re.fullmatch(
+            r'\[worker\] device = "cuda:63", but (torch sees no CUDA GPU here: set device = "auto" or "cpu"'
+            r"|this machine has \d+ CUDA GPU\(s\): use cuda:0 to cuda:N-1)",
+            error,
+        ), error
+
+
+def test_work_without_its_checkpoint_is_one_line(tmp_path: Path) -> None:
+    absent = tmp_path / "absent.pt"
+    cfg = _config(tmp_path, {"ResNet18": absent})
+    error = _one_error(_cli("--config", cfg, "work"))
+    assert error.startswith(f"model ResNet18: checkpoint {absent} not found: ")

@@ -3,6 +3,8 @@
 There is no Docker engine in CI, so nothing is built or started; instead every value that one file relies on
 in another (services, ports, AE titles, paths, volumes, the Lua script's location, health checks) is checked,
 and the health-check commands are run for real against local peers (the node's against a real node).
+The scale-out override (docker-compose.scale.yml: PostgreSQL and worker containers, config/docker-scale.toml)
+is checked the same way, and with `docker compose config` where the docker CLI has the compose plugin.
 """
 
 from __future__ import annotations
@@ -10,17 +12,18 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import helpers
 import pytest
 
-from node.config import load_settings
+from node.config import WorkerConfig, load_settings
 from node.ops.demo import (
     ORTHANC_CONFIG,
     ORTHANC_LUA,
@@ -34,19 +37,33 @@ from node.outputs import MANUFACTURER
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
+SCALE = ROOT / "docker-compose.scale.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKER_TOML = ROOT / "config" / "docker.toml"
+SCALE_TOML = ROOT / "config" / "docker-scale.toml"
 NODE_TOML = ROOT / "config" / "node.toml"
 ORTHANC_SERVICE = "orthanc"
 NODE_SERVICE = "gradcam-node"
+POSTGRES_SERVICE = "postgres"
+WORKER_SERVICE = "worker"
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def _compose_file(path: Path) -> dict[str, Any]:
+    yaml = pytest.importorskip("yaml", reason=f"PyYAML reads {path.name} (test extra 'pyyaml')")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert isinstance(data, dict) and "services" in data
+    return data
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    yaml = pytest.importorskip("yaml", reason="PyYAML reads docker-compose.yml (test extra 'pyyaml')")
-    data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
-    assert isinstance(data, dict) and "services" in data
-    return data
+    return _compose_file(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def scale() -> dict[str, Any]:
+    return _compose_file(SCALE)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +217,9 @@ def test_dockerfile(dockerfile: list[tuple[str, str]]) -> None:
     args = {i: [a for j, a in dockerfile if j == i] for i in set(instrs)}
     assert args["FROM"] == ["python:3.11-slim"]
     runs = " ".join(args["RUN"])
-    assert "--index-url https://download.pytorch.org/whl/cpu" in runs and "pip install ." in runs
+    # torch's CPU build unless the build says otherwise (--build-arg TORCH_INDEX=..., for GPU workers)
+    assert f"TORCH_INDEX={CPU_TORCH_INDEX}" in args["ARG"]
+    assert '--index-url "${TORCH_INDEX}"' in runs and "pip install ." in runs
     copied = {shlex.split(a)[0] for a in args["COPY"]}
     assert {"config", "checkpoints", "gradcam", "node", "pyproject.toml"} <= copied
     # weights are never downloaded: no fetch tools, no URL other than the CPU wheel index (and the node's
@@ -209,7 +228,8 @@ def test_dockerfile(dockerfile: list[tuple[str, str]]) -> None:
     assert not re.search(r"\b(curl|wget)\b", text)
     urls = set(re.findall(r"https?://[^\s'\"]+", text))
     assert {u for u in urls if not u.startswith("http://127.0.0.1:")} == {
-        "https://download.pytorch.org/whl/cpu"
+        CPU_TORCH_INDEX,
+        "https://pypi.org/simple",  # named in a comment: the CUDA build, for GPU workers
     }
     assert args["USER"] and args["USER"][0] != "root"
     assert args["ENTRYPOINT"] == ['["gradcam-node"]'] and args["CMD"] == ['["serve"]']
@@ -344,3 +364,218 @@ def test_derived_node_config_round_trips(tmp_path: Path, path: Path) -> None:
         original.destinations,
         original.default_destination,
     )
+
+
+# --- docker-compose.scale.yml: PostgreSQL and worker containers ------------------------------------------
+
+
+def _depends_on(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A service's depends_on in long syntax (the short list means condition service_started)."""
+    deps = service.get("depends_on", {})
+    if isinstance(deps, list):
+        return {name: {"condition": "service_started"} for name in deps}
+    return deps
+
+
+def _merged_service(compose: dict[str, Any], scale: dict[str, Any], name: str) -> dict[str, Any]:
+    """A service as `docker compose -f docker-compose.yml -f docker-compose.scale.yml` sees it, for the keys
+    these tests read: the override's command, environment and healthcheck replace the base's, volumes are
+    merged by container path, depends_on by service."""
+    base = dict(compose["services"].get(name, {}))
+    over = scale["services"][name]
+    merged = {**base, **over}
+    merged["volumes"] = [f"{s}:{t}:{m}" for t, (s, m) in {**_volumes(base), **_volumes(over)}.items()]
+    merged["depends_on"] = {**_depends_on(base), **_depends_on(over)}
+    return merged
+
+
+def _config_path(service: dict[str, Any]) -> str:
+    command = service["command"]
+    return command[command.index("--config") + 1]
+
+
+def _postgres_env(scale: dict[str, Any]) -> dict[str, str]:
+    env = scale["services"][POSTGRES_SERVICE]["environment"]
+    if isinstance(env, list):
+        env = dict(e.split("=", 1) for e in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _toml_differences(a: Any, b: Any, prefix: str = "") -> set[str]:
+    """Dotted keys whose values differ between two parsed TOML documents."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: set[str] = set()
+        for k in a.keys() | b.keys():
+            out |= _toml_differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return set() if a == b else {prefix.rstrip(".")}
+
+
+def _has_processes_key() -> bool:
+    """Whether node.config knows [worker] processes yet (it lands with `gradcam-node work`)."""
+    return "processes" in {f.name for f in fields(WorkerConfig)}
+
+
+def test_scale_services_extend_the_base(compose: dict[str, Any], scale: dict[str, Any]) -> None:
+    """The override adds postgres and worker, changes gradcam-node, and leaves Orthanc alone; every file and
+    named volume it mounts exists."""
+    services = scale["services"]
+    assert set(services) == {POSTGRES_SERVICE, NODE_SERVICE, WORKER_SERVICE}
+    assert "name" not in scale and "version" not in scale  # the project is docker-compose.yml's
+    named = set(compose.get("volumes", {})) | set(scale.get("volumes", {}))
+    for name, svc in services.items():
+        for source, _ in _volumes(svc).values():
+            if source.startswith(("./", "/")):
+                assert (ROOT / source).exists(), (name, source)
+            else:
+                assert source in named, f"{name}: volume {source} is not declared at top level"
+    # the receiver keeps the base's image, ports and health check; only its configuration changes
+    assert not {"image", "build", "ports", "healthcheck"} & set(services[NODE_SERVICE])
+
+
+def test_scale_postgres_service(scale: dict[str, Any]) -> None:
+    svc = scale["services"][POSTGRES_SERVICE]
+    image = svc["image"]
+    assert re.fullmatch(r"postgres:\d+\.\d+(-[a-z]+)?", image), f"pin PostgreSQL's image tag: {image}"
+    # PostgreSQL 18's image keeps its data in /var/lib/postgresql, no longer in .../data as mounted here
+    assert int(image.split(":")[1].split(".")[0]) < 18, image
+    assert svc.get("restart") == "unless-stopped"
+    env = _postgres_env(scale)
+    assert env.keys() >= {"POSTGRES_DB", "POSTGRES_USER", "POSTGRES_PASSWORD"}
+    # the data on a named volume
+    source, mode = _volumes(svc)["/var/lib/postgresql/data"]
+    assert mode == "rw" and source in scale["volumes"]
+    # reached by the other services only: no published port
+    assert "ports" not in svc
+    # the health check is pg_isready for the node's user and database, over TCP
+    test = svc["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "pg_isready", test
+    args = dict(zip(test[2::2], test[3::2], strict=True))
+    assert args == {"-h": "127.0.0.1", "-p": "5432", "-U": env["POSTGRES_USER"], "-d": env["POSTGRES_DB"]}
+    # the password to change is documented where it is set
+    lines = SCALE.read_text(encoding="utf-8").splitlines()
+    line = next(ln for ln in lines if ln.strip().startswith("POSTGRES_PASSWORD:"))
+    assert "SITE" in line and "docker-scale.toml" in line
+
+
+def test_scale_database_url_matches_postgres_env(scale: dict[str, Any]) -> None:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(tomllib.loads(SCALE_TOML.read_text(encoding="utf-8"))["node"]["database_url"])
+    env = _postgres_env(scale)
+    assert url.drivername == "postgresql+psycopg"
+    assert (url.host, url.port) == (POSTGRES_SERVICE, 5432)
+    assert (url.username, url.password, url.database) == (
+        env["POSTGRES_USER"],
+        env["POSTGRES_PASSWORD"],
+        env["POSTGRES_DB"],
+    )
+
+
+def test_scale_receiver_and_workers_share_config_spool_and_checkpoints(
+    compose: dict[str, Any], scale: dict[str, Any], dockerfile: list[tuple[str, str]]
+) -> None:
+    node = _merged_service(compose, scale, NODE_SERVICE)
+    worker = scale["services"][WORKER_SERVICE]
+    assert node["command"][-1] == "serve" and worker["command"] == ["--config", _config_path(node), "work"]
+    settings = tomllib.loads(SCALE_TOML.read_text(encoding="utf-8"))
+    node_vols, worker_vols = _volumes(node), _volumes(worker)
+    for svc, vols in ((node, node_vols), (worker, worker_vols)):
+        path = _config_path(svc)
+        assert vols[path] == ("./config/docker-scale.toml", "ro")
+        # the operator commands (docker compose exec ... gradcam-node jobs) read the same file
+        assert svc["environment"] == {"GRADCAM_NODE_CONFIG": path}
+        assert _depends_on(svc)[POSTGRES_SERVICE] == {"condition": "service_healthy"}
+    # a worker mounts what the receiver mounts, but for docker.toml (the single-container configuration)
+    assert worker_vols == {t: v for t, v in node_vols.items() if v[0] != "./config/docker.toml"}
+    # the spool: one named volume, read-write, at the same path, holding [node] storage_dir
+    storage_dir = PurePosixPath(settings["node"]["storage_dir"])
+    spool = [t for t in worker_vols if storage_dir.is_relative_to(t)]
+    assert len(spool) == 1
+    source, mode = worker_vols[spool[0]]
+    assert node_vols[spool[0]] == (source, "rw") and mode == "rw"
+    assert not source.startswith(("./", "/")) and source in compose["volumes"]
+    # the checkpoints, read-only, where the configuration looks for them
+    ckpt = next(t for t, (s, _) in worker_vols.items() if s == "./checkpoints")
+    assert worker_vols[ckpt][1] == "ro"
+    for name, table in settings["models"].items():
+        assert PurePosixPath(table["checkpoint"]).parent == PurePosixPath(ckpt), name
+    # the image's health check asks the status page, which a worker does not serve
+    assert any(i == "HEALTHCHECK" for i, _ in dockerfile)
+    assert worker["healthcheck"] == {"disable": True}
+
+
+def test_scale_worker_service_is_scalable(compose: dict[str, Any], scale: dict[str, Any]) -> None:
+    worker = scale["services"][WORKER_SERVICE]
+    # the image the gradcam-node service builds, not a second build of it
+    assert worker["image"] == compose["services"][NODE_SERVICE]["image"] and "build" not in worker
+    # --scale worker=N: nothing that one container alone may have
+    assert not {"container_name", "ports", "hostname"} & set(worker)
+    assert worker.get("restart") == "unless-stopped"
+    assert re.fullmatch(r"\d+s", str(worker.get("stop_grace_period", "")))
+    # how to give it a GPU is written down next to it
+    text = SCALE.read_text(encoding="utf-8")
+    assert "driver: nvidia" in text and "reservations:" in text and "[worker] device" in text
+
+
+def test_scale_toml_is_docker_toml_with_postgres_and_no_local_workers(tmp_path: Path) -> None:
+    """docker-scale.toml differs from docker.toml in [node] database_url and [worker] processes only, and the
+    node's own loader accepts it."""
+    docker_raw = tomllib.loads(DOCKER_TOML.read_text(encoding="utf-8"))
+    text = SCALE_TOML.read_text(encoding="utf-8")
+    scale_raw = tomllib.loads(text)
+    assert _toml_differences(docker_raw, scale_raw) == {"node.database_url", "worker.processes"}
+    assert scale_raw["worker"]["processes"] == 0  # the worker containers analyse; serve starts none
+    assert scale_raw["node"]["database_url"].startswith("postgresql+psycopg://")
+
+    docker = load_settings(DOCKER_TOML)
+    if _has_processes_key():
+        scale = load_settings(SCALE_TOML)
+        assert scale.worker == replace(docker.worker, processes=0)
+    else:
+        # node.config does not know [worker] processes yet: load the file without that one line (its paths
+        # are absolute, so the copy may lie anywhere)
+        stripped, count = re.subn(r"(?m)^processes\s*=.*\n", "", text)
+        assert count == 1
+        copy = tmp_path / SCALE_TOML.name
+        copy.write_text(stripped, encoding="utf-8")
+        scale = replace(load_settings(copy), path=SCALE_TOML)
+        assert scale.worker == docker.worker
+    assert scale.node == replace(docker.node, database_url=scale_raw["node"]["database_url"])
+    core = replace(scale.core, path=docker.core.path)  # the models, preprocessing, drawing
+    assert replace(scale, path=docker.path, core=core, node=docker.node, worker=docker.worker) == docker
+
+
+def _docker_compose() -> list[str]:
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip("no docker CLI")
+    version = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=60)
+    if version.returncode != 0:
+        pytest.skip("the docker CLI has no compose plugin (`docker compose version` failed)")
+    return [docker, "compose"]
+
+
+def test_docker_compose_accepts_the_merged_files() -> None:
+    """`docker compose config` (no engine needed) merges the two files as the tests above assume."""
+    command = [*_docker_compose(), "-f", str(COMPOSE), "-f", str(SCALE), "config", "--format", "json"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    assert set(services) == {ORTHANC_SERVICE, NODE_SERVICE, POSTGRES_SERVICE, WORKER_SERVICE}
+    node, worker = services[NODE_SERVICE], services[WORKER_SERVICE]
+    assert node["depends_on"][ORTHANC_SERVICE]["condition"] == "service_started"
+    for svc in (node, worker):
+        assert svc["depends_on"][POSTGRES_SERVICE]["condition"] == "service_healthy"
+        assert svc["command"][:2] == ["--config", "/app/config/docker-scale.toml"]
+    targets = {v["target"] for v in node["volumes"]}
+    assert targets >= {"/app/config/docker.toml", "/app/config/docker-scale.toml"}
+    assert not worker.get("ports") and node.get("ports")
+    alone = subprocess.run(
+        [*_docker_compose(), "-f", str(COMPOSE), "config", "--quiet"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert alone.returncode == 0, alone.stderr

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "config" / "systemd" / "gradcam-node.service"
+WORKER_UNIT = ROOT / "config" / "systemd" / "gradcam-node-worker@.service"
 SYSTEMD_README = ROOT / "config" / "systemd" / "README.md"
 RESULT_TIMEOUT_S = 120
 PICKUP_S = 10.0  # a job or send queued by another process is taken within the node's poll (2 s) and slack
@@ -396,17 +397,31 @@ def test_systemd_unit_runs_serve_hardened() -> None:
         assert any(path.is_relative_to(w) for w in writable), path
 
 
-def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
-    """systemd's own check of the unit, with the executable pointed at this checkout's."""
+def test_systemd_worker_unit_runs_work_on_the_instance_s_device() -> None:
+    worker = configparser.ConfigParser(interpolation=None, strict=True)
+    worker.optionxform = str  # type: ignore[assignment,method-assign]
+    worker.read_string(WORKER_UNIT.read_text(encoding="utf-8"))
+    serve = _unit()
+    for key in ("User", "KillSignal", "TimeoutStopSec", "KillMode", "NoNewPrivileges", "ProtectSystem"):
+        assert worker["Service"][key] == serve["Service"][key], key
+    argv = shlex.split(worker["Service"]["ExecStart"].replace("%i", "cuda:1"))
+    args = build_parser().parse_args(argv[1:])
+    assert (args.command, args.config, args.device) == ("work", "/etc/gradcam-node/node.toml", "cuda:1")
+    assert "gradcam-node-worker@.service" in SYSTEMD_README.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("unit", [UNIT, WORKER_UNIT], ids=["serve", "worker"])
+def test_systemd_analyze_verifies_the_unit(tmp_path: Path, unit: Path) -> None:
+    """systemd's own check of the units, with the executable pointed at this checkout's."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (the unit's keys are checked by the test above)")
     executable = Path(sys.executable).parent / "gradcam-node"
     assert os.access(executable, os.X_OK), executable
-    text = UNIT.read_text(encoding="utf-8").replace(
+    text = unit.read_text(encoding="utf-8").replace(
         "/opt/gradcam-node/.venv/bin/gradcam-node", str(executable)
     )
-    copy = tmp_path / UNIT.name
+    copy = tmp_path / unit.name.replace("@.", "@cpu.")
     copy.write_text(text, encoding="utf-8")
     done = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stderr.strip() == "", done.stderr

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,10 +17,7 @@ from typing import TypeVar
 import helpers
 import pydicom
 import pytest
-from helpers import RunningNode, dcmtk, run_tool, wait_until
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from helpers import CountingScp, RunningNode, dcmtk, run_tool, wait_until
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -37,40 +33,6 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 TIMEOUT_S = 240
 T = TypeVar("T")
-
-
-class CountingScp:
-    """Storage SCP that counts every delivery by SOP Instance UID."""
-
-    def __init__(self, port: int, ae_title: str = "PACS") -> None:
-        self.port = port
-        self.ae_title = ae_title
-        self.counts: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._server = None
-
-    def start(self) -> None:
-        ae = AE(ae_title=self.ae_title)
-        for sop in (SC_CLASS, SR_CLASS, SEG_CLASS):
-            ae.add_supported_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        ae.add_supported_context(Verification)
-        self._server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
-        )
-
-    def _on_store(self, event: evt.Event) -> int:
-        with self._lock:
-            self.counts[str(event.request.AffectedSOPInstanceUID)] += 1
-        return 0x0000
-
-    def snapshot(self) -> Counter[str]:
-        with self._lock:
-            return Counter(self.counts)
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
 
 
 @pytest.fixture

@@ -14,8 +14,10 @@ from node.config import OutputsConfig
 from node.outputs import build_heatmap
 from tests.node.test_outputs import (
     ALL_NEGATIVE,
+    IDENTITY_SOURCES,
     SEG_CLASS,
     SIZE,
+    assert_identical,
     assert_same_patient_and_study,
     assert_valid,
     blob,
@@ -26,6 +28,7 @@ from tests.node.test_outputs import (
     make_result,
     make_source,
     placed,
+    reference_heatmap,
     write,
 )
 
@@ -132,3 +135,30 @@ def test_heatmap_refuses_a_map_of_another_size_or_not_finite() -> None:
     broken[0, 0] = np.nan
     with pytest.raises(ValueError, match="finite"):
         build_heatmap(source, dataclasses.replace(make_result(), cam=broken), ctx, where)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
+@pytest.mark.parametrize("kind", sorted(IDENTITY_SOURCES))
+@pytest.mark.parametrize("model", ["ResNet18", "EfficientNet-B0"], ids=["positive", "negative"])
+def test_heatmap_equals_the_highdicom_segmentation(kind: str, model: str) -> None:
+    """The heatmap is the Segmentation highdicom made (see ``assert_identical``), for ordinary and odd
+    sources, a positive and a negative map, an odd number of pixels, and an empty map."""
+    source, ctx = IDENTITY_SOURCES[kind](), make_context()
+    result = make_analysis().models[model]
+    where = placed(source, ctx, "heatmap", model, 4)
+    assert_identical(build_heatmap(source, result, ctx, where), reference_heatmap(source, result, ctx, where))
+    odd = make_source(columns=101)  # 128 x 101 pixels: an odd number of bytes
+    narrow = make_result(model, columns=101)
+    assert_identical(build_heatmap(odd, narrow, ctx, where), reference_heatmap(odd, narrow, ctx, where))
+    empty = dataclasses.replace(result, cam=np.zeros((SIZE, SIZE), np.float32))
+    assert_identical(build_heatmap(source, empty, ctx, where), reference_heatmap(source, empty, ctx, where))
+
+
+def test_heatmap_refuses_a_source_with_a_patient_coordinate_system() -> None:
+    """A map is laid out on the source's pixels; highdicom would need planes for such a source (CR and DX
+    have none)."""
+    source, ctx = make_source(), make_context()
+    source.FrameOfReferenceUID = "2.25.777"
+    source.ImagePositionPatient = [0, 0, 0]
+    with pytest.raises(ValueError, match="coordinate system"):
+        build_heatmap(source, make_result(), ctx, placed(source, ctx, "heatmap", "ResNet18"))

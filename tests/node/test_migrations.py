@@ -24,8 +24,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, inspect
 from sqlalchemy.exc import IntegrityError
 
-from node.db import migrations
-from node.db import Base, create_schema, make_engine
+from node.db import Base, create_schema, make_engine, migrations
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parents[2]
@@ -187,10 +186,13 @@ def test_database_before_migrations_is_upgraded_in_place(tmp_path: Path, make_le
     create_schema(engine)
 
     assert _version(path) == migrations.head()
-    for table in ("associations", "results", "sends", "send_attempts"):
+    for table in ("associations", "results", "send_attempts"):
         assert _dump(path, table) == before[table]
     assert _dump(path, "instances") == [row + (None,) for row in before["instances"]]  # + purged_at
-    assert _dump(path, "jobs") == [row + (None,) for row in before["jobs"]]  # + content_key
+    # + content_key (0002), leased_by and lease_until (0004)
+    assert _dump(path, "jobs") == [row + (None, None, None) for row in before["jobs"]]
+    assert _dump(path, "sends") == [row + (None, None) for row in before["sends"]]  # + leased_by, lease_until
+    assert _dump(path, "deliveries") == []
     # + instance_number, supersedes, purged_at
     assert _dump(path, "outputs") == [row + (None, None, None) for row in before["outputs"]]
     assert _dump(path, "node_settings") == []
@@ -316,6 +318,9 @@ def test_postgresql_sql_renders_offline() -> None:
     assert "ALTER TABLE outputs ADD COLUMN purged_at TIMESTAMP WITH TIME ZONE;" in sql
     assert "CREATE TABLE operations" in sql
     assert "UPDATE alembic_version SET version_num='0003'" in sql
+    assert "ALTER TABLE jobs ADD COLUMN lease_until TIMESTAMP WITH TIME ZONE;" in sql
+    assert "CREATE TABLE deliveries" in sql
+    assert "UPDATE alembic_version SET version_num='0004'" in sql
 
 
 def test_revision_0002_database_keeps_its_rows_through_0003_and_back(tmp_path: Path) -> None:
@@ -329,8 +334,8 @@ def test_revision_0002_database_keeps_its_rows_through_0003_and_back(tmp_path: P
     schema_0002 = _schema_of(path)
 
     engine = make_engine(_url(path))
-    create_schema(engine)
-    assert _version(path) == migrations.head() == "0003"
+    migrations.upgrade(engine, "0003")
+    assert _version(path) == "0003"
     assert _dump(path, "instances") == [row + (None,) for row in at_0002["instances"]]
     assert _dump(path, "outputs") == [row + (None,) for row in at_0002["outputs"]]
     with engine.begin() as conn:

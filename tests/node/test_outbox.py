@@ -53,9 +53,11 @@ from node.send.outbox import (
     due_send_ids,
     next_due_at,
     record_attempt,
+    record_delivery,
 )
 from node.send.sender import SC_SOP_CLASS, Link, Sender, SendOutcome, echo_command
-from node.work.worker import Worker, claim_jobs
+from node.work.claim import claim_jobs
+from node.work.worker import Worker
 
 STORESCP = "/usr/bin/storescp"  # DCMTK's, not pynetdicom's script of the same name
 CFG = OutboxConfig(max_attempts=4, backoff_initial_s=2.0, backoff_max_s=10.0)
@@ -190,8 +192,8 @@ def test_claim_jobs_respects_due_time_and_batch_size(factory: sessionmaker[Sessi
     ready = [_job(factory) for _ in range(3)]
     later = _job(factory, next_attempt_at=now + timedelta(seconds=30))
     _job(factory, JobStatus.DONE)
-    assert [c.job_id for c in claim_jobs(factory, 2, now)] == ready[:2]
-    assert [c.job_id for c in claim_jobs(factory, 5, now)] == [ready[2]]
+    assert [c.job_id for c in claim_jobs(factory, 2, now, lease_s=600)] == ready[:2]
+    assert [c.job_id for c in claim_jobs(factory, 5, now, lease_s=600)] == [ready[2]]
     assert claim_jobs(factory, 5, now) == []
     assert [c.job_id for c in claim_jobs(factory, 5, now + timedelta(seconds=31))] == [later]
 
@@ -229,9 +231,87 @@ def test_record_attempt_success(factory: sessionmaker[Session]) -> None:
         assert (send.status, send.sent_at, send.last_error) == (SendStatus.SENT, t, None)
 
 
+def _dead_pid() -> int:
+    """The pid of a process of this host that has exited."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_an_orphaned_job_is_claimed_again_after_its_lease(factory: sessionmaker[Session]) -> None:
+    job_id = _job(factory)
+    now = utcnow()
+    (first,) = claim_jobs(factory, 4, now, holder="gone-host:1", lease_s=10)
+    assert claim_jobs(factory, 4, now + timedelta(seconds=9), holder="other:2") == []  # still leased
+    (second,) = claim_jobs(factory, 4, now + timedelta(seconds=11), holder="other:2", lease_s=10)
+    assert (first.job_id, first.attempt, second.job_id, second.attempt) == (job_id, 1, job_id, 2)
+    with factory() as s:
+        assert s.get(Job, job_id).leased_by == "other:2"
+
+
+def test_a_job_that_kills_its_worker_every_time_ends_failed(factory: sessionmaker[Session]) -> None:
+    job_id = _job(factory)
+    t = utcnow()
+    for attempt in (1, 2, 3):
+        (claimed,) = claim_jobs(factory, 4, t, holder=f"host:{attempt}", lease_s=5, max_attempts=3)
+        assert claimed.attempt == attempt
+        t += timedelta(seconds=6)  # the worker died with it: its lease runs out
+    assert claim_jobs(factory, 4, t, holder="host:4", lease_s=5, max_attempts=3) == []
+    with factory() as s:
+        job = s.get(Job, job_id)
+        assert job.status == JobStatus.FAILED and job.leased_by is None
+        assert job.reason.startswith("worker died 3 times while analysing it")
+
+
+def test_recover_gives_back_only_what_dead_local_processes_held(factory: sessionmaker[Session]) -> None:
+    host = socket.gethostname()
+    dead, alive, remote = _job(factory), _job(factory), _job(factory)
+    for job_id, holder in (
+        (dead, f"{host}:{_dead_pid()}"),
+        (alive, f"{host}:{os.getpid()}"),
+        (remote, "elsewhere:1"),
+    ):
+        (claimed,) = claim_jobs(factory, 1, holder=holder)
+        assert claimed.job_id == job_id
+    assert recover(factory) == (1, 0)
+    with factory() as s:
+        states = {j: (s.get(Job, j).status, s.get(Job, j).leased_by) for j in (dead, alive, remote)}
+    assert states[dead] == (JobStatus.QUEUED, None)
+    assert states[alive] == (JobStatus.RUNNING, f"{host}:{os.getpid()}")
+    assert states[remote] == (JobStatus.RUNNING, "elsewhere:1")
+
+
+def test_a_send_goes_on_with_the_files_not_yet_delivered(factory: sessionmaker[Session]) -> None:
+    send_id = _send(factory)
+    with factory.begin() as s:
+        job_id = s.get(Send, send_id).job_id
+        for uid in ("1.2.3.1", "1.2.3.2"):
+            s.add(
+                Output(
+                    job_id=job_id,
+                    kind="sc",
+                    model="m",
+                    sop_class_uid=SC_SOP_CLASS,
+                    sop_instance_uid=uid,
+                    series_instance_uid="1.2.3.9",
+                    instance_number=1,
+                    path=f"/x/{uid}.dcm",
+                )
+            )
+    work = claim_send(factory, send_id, holder="gone:1", lease_s=5)
+    assert work is not None and work.delivered == 0
+    record_delivery(factory, send_id, work.files[0].sop_instance_uid, 0)
+    record_delivery(factory, send_id, work.files[0].sop_instance_uid, 0)  # told twice: one row
+    # the sender is killed here; after its lease another takes the send on
+    again = claim_send(factory, send_id, utcnow() + timedelta(seconds=6), holder="other:2")
+    assert again is not None and again.attempt == 2 and again.delivered == 1
+    assert [f.sop_instance_uid for f in again.files] == [f.sop_instance_uid for f in work.files[1:]]
+
+
 def test_recover_resumes_interrupted_send(factory: sessionmaker[Session]) -> None:
     send_id = _send(factory)
-    assert claim_send(factory, send_id) is not None  # then the process "dies"
+    # then the process "dies": a process of this host that no longer exists
+    assert claim_send(factory, send_id, holder=f"{socket.gethostname()}:{_dead_pid()}") is not None
     assert recover(factory) == (0, 1)
     with factory() as s:
         assert due_send_ids(s) == [send_id]
@@ -848,11 +928,11 @@ def test_send_parks_the_association_thread_before_each_c_store(tmp_path: Path) -
         assert not checkpoint.is_set() and checkpoint._cond._waiters, "the association thread is parked"
         ds = _sc_file(tmp_path / "a.dcm")
         f = OutgoingFile(SC_SOP_CLASS, ds.SOPInstanceUID, tmp_path / "a.dcm", "sc", "m")
-        assert _send_one(assoc, 1, f) == (f"{ds.SOPInstanceUID}=0x0000", True, True)
+        assert _send_one(assoc, 1, f) == (f"{ds.SOPInstanceUID}=0x0000", 0x0000, True)
         assert checkpoint.is_set(), "running again between sends (peer release or abort are noticed)"
         gone = OutgoingFile(SC_SOP_CLASS, "1.2.3", tmp_path / "missing.dcm", "sc", "m")
-        text, stored, usable = _send_one(assoc, 2, gone)
-        assert (stored, usable) == (False, True) and "unreadable" in text
+        text, status, usable = _send_one(assoc, 2, gone)
+        assert (status, usable) == (None, True) and "unreadable" in text
         assert checkpoint.is_set()
         assoc.release()
     finally:

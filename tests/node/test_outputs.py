@@ -6,7 +6,9 @@ both use the helpers at the top of this file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import datetime
 import io
 import os
 import subprocess
@@ -18,9 +20,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
-from pydicom.valuerep import DS
+from pydicom.valuerep import DA, DS, DT, TM
 
 from gradcam.config import ModelConfig, RenderConfig
 from gradcam.phantom_dicom import phantom_dataset
@@ -31,6 +36,7 @@ from gradcam.results import DISCLAIMER, AnalysisResult, ModelResult
 from node.config import OutputsConfig
 from node.outputs import (
     MANUFACTURER,
+    MODEL_NAME,
     SOFTWARE_VERSION,
     Built,
     Evidence,
@@ -48,6 +54,12 @@ from node.outputs import (
     series_uid,
     sr_uid,
 )
+from node.outputs.common import lo, processing_algorithm, processing_equipment
+from node.outputs.encoding import DEFAULT_ENCODINGS, element, encode, file_bytes, timestamp
+from node.outputs.region import hot_region
+from node.outputs.sc import derivation_description
+from node.outputs.sr_content import comment_text
+from node.outputs.uids import tracking_uid
 from tests import helpers
 
 DCIODVFY = Path("/usr/bin/dciodvfy")
@@ -731,42 +743,6 @@ def test_build_sr_needs_results() -> None:
         make_sr(make_source(), AnalysisResult("test", SIZE, SIZE, {}))
 
 
-@pytest.mark.parametrize("modality", ["DX", "CR"])
-def test_sr_equals_the_plain_highdicom_document(modality: str) -> None:
-    """build_sr gives highdicom an evidence stand-in instead of the whole content tree (it is several times
-    faster); the document must be the one highdicom makes from the real content, element for element."""
-    from node.outputs.common import copy_patient_study, reference_header
-    from node.outputs.sr import evidence_header, sr_content, sr_document_arguments
-
-    source = make_source(modality)
-    if modality == "CR":
-        del source.ImagerPixelSpacing  # CR without projection geometry: the image library's other branch
-    analysis, ctx = make_analysis(), make_context()
-    built = build_all(source, analysis, ctx)
-    evidence = [Evidence(b.kind, b.model, b.dataset) for b in built[:-1]]
-    before, where = predecessor_header(source), placed(source, ctx, "sr")
-    fast = build_sr(source, analysis, ctx, where, evidence, before)
-    ref = reference_header(source)
-    headers = [Evidence(e.kind, e.model, evidence_header(e.dataset)) for e in evidence]
-    plain = hd.sr.Comprehensive3DSR(
-        evidence=[ref, *(h.dataset for h in headers)],
-        content=sr_content(ref, analysis, ctx, headers),
-        **sr_document_arguments(analysis, ctx, where, before),
-    )
-    copy_patient_study(source, plain)
-    # the creation times differ by the microseconds between the two calls; nothing else may
-    timed = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime")
-    for ds in (fast, plain):
-        for keyword in timed:
-            ds.pop(keyword, None)
-        for item in ds.ContributingEquipmentSequence:
-            item.pop("ContributionDateTime", None)
-    assert len(fast.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence) == 3
-    assert "PredecessorDocumentsSequence" in fast
-    assert encoded(fast) == encoded(plain)
-    assert fast.content[0].ContentSequence == plain.content[0].ContentSequence  # the in-memory tree too
-
-
 # --- loop protection ---------------------------------------------------------------------------------
 
 
@@ -862,3 +838,608 @@ def test_character_set_follows_the_source(tmp_path: Path) -> None:
         ds = reread(b.dataset)
         assert ds.SpecificCharacterSet == "ISO_IR 100" and str(ds.PatientName) == "MÜLLER^JÖRG", b.kind
     assert_all_valid(built, tmp_path)
+
+
+@pytest.mark.parametrize("charset", [None, "ISO_IR 100"])
+def test_file_bytes_are_what_pydicom_writes(charset: str | None) -> None:
+    """The worker writes outputs with encoding.file_bytes: byte for byte pydicom's save_as, for every
+    kind, also after an element was read or changed (no longer raw)."""
+    source = make_source()
+    if charset:
+        source.SpecificCharacterSet = charset
+        source.PatientName = "MÜLLER^JÖRG"
+    built = build_all(source, make_analysis(), make_context(outputs=OutputsConfig(negative_maps=True)))
+    assert {b.kind for b in built} == {"summary", "sc", "heatmap", "sr"}
+    for b in built:
+        fp = io.BytesIO()
+        b.dataset.save_as(fp, enforce_file_format=True)
+        assert file_bytes(b.dataset) == fp.getvalue(), b.kind
+    changed = built[0].dataset
+    changed.SeriesDescription = "changed after assembly"
+    fp = io.BytesIO()
+    changed.save_as(fp, enforce_file_format=True)
+    assert file_bytes(changed) == fp.getvalue() and b"changed after assembly" in fp.getvalue()
+
+
+# --- identity with the previous release's highdicom builders -------------------------------------------
+#
+# The builders assemble their outputs from encoded parts (node.outputs.encoding). The highdicom builders
+# they replace are kept here as the reference: every output must be the object they made, element for
+# element and byte for byte, but for the creation times and highdicom's random Dimension Organization UID.
+
+_REF_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime")
+_REF_TYPE2 += ("AccessionNumber", "StudyID", "ReferringPhysicianName")
+_REF_OPTIONAL = ("IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence")
+_REF_OPTIONAL += (
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "StudyDescription",
+    "IssuerOfAccessionNumberSequence",
+)
+_REF_PATIENT_STUDY = ("StudyInstanceUID", *_REF_TYPE2, *_REF_OPTIONAL)
+
+
+def _ref_text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, None)
+    return "" if value is None else str(value).strip()
+
+
+def _ref_valid_or_none(value: object, kind: type) -> object:
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        return kind(str(value).strip())
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
+def reference_header(source: Dataset) -> Dataset:
+    """The source without pixel data, with the values highdicom refuses made acceptable."""
+    from pydicom.valuerep import DA, TM
+
+    ref = Dataset()
+    for elem in source:
+        if elem.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            ref.add(copy.deepcopy(elem))
+    for keyword in _REF_TYPE2:
+        if keyword not in ref or ref[keyword].value is None:
+            setattr(ref, keyword, "")
+    name = _ref_text(ref, "PatientName")
+    if name and "^" not in name:
+        ref.PatientName = name + "^"
+    ref.ReferringPhysicianName = ""
+    if _ref_text(ref, "PatientSex").upper() not in ("M", "F", "O", ""):
+        ref.PatientSex = ""
+    ref.PatientBirthDate = _ref_valid_or_none(ref.PatientBirthDate, DA) or ""
+    ref.StudyDate = _ref_valid_or_none(ref.StudyDate, DA) or ""
+    ref.StudyTime = _ref_valid_or_none(ref.StudyTime, TM) or ""
+    if "SpecificCharacterSet" in source:
+        ref.SpecificCharacterSet = source.SpecificCharacterSet
+    return ref
+
+
+def copy_patient_study(source: Dataset, target: Dataset) -> None:
+    for keyword in _REF_PATIENT_STUDY:
+        if keyword in source:
+            target.add(copy.deepcopy(source[keyword]))
+        elif keyword in _REF_TYPE2:
+            setattr(target, keyword, None)
+        elif keyword in target:
+            del target[keyword]
+    if "SpecificCharacterSet" in source:
+        target.SpecificCharacterSet = source.SpecificCharacterSet
+
+
+def copy_patient_orientation(source: Dataset, target: Dataset) -> None:
+    if "PatientOrientation" in source:
+        target.add(copy.deepcopy(source["PatientOrientation"]))
+    else:
+        target.PatientOrientation = None
+
+
+def _ref_instance(placement: Placement, series_number: int) -> dict:
+    """The arguments that place a highdicom object: series, instance, number, manufacturer."""
+    return {
+        "series_instance_uid": placement.series_uid,
+        "series_number": series_number,
+        "sop_instance_uid": placement.sop_uid,
+        "instance_number": placement.instance_number,
+        "manufacturer": MANUFACTURER,
+    }
+
+
+def reference_sc(
+    source: Dataset,
+    pixels: np.ndarray,
+    analysis: AnalysisResult,
+    model: str | None,
+    ctx: OutputContext,
+    placement: Placement,
+) -> Dataset:
+    """The previous release's Secondary Capture (highdicom ``SCImage``)."""
+    results = list(analysis.models.values()) if model is None else [analysis.models[model]]
+    what = "Summary of the pneumonia classification" if model is None else f"Grad-CAM heatmap of {model}"
+    equipment = [processing_algorithm(r.model, ctx.model(r.model).version, ctx.device_uid) for r in results]
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=reference_header(source),
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        **_ref_instance(placement, ctx.outputs.sc_series_number),
+        patient_orientation=("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[*equipment, processing_equipment(what, ctx.device_uid, ctx.software_version)],
+        series_description=lo(ctx.outputs.sc_series_description),
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=ctx.software_version,
+    )
+    copy_patient_study(source, sc)
+    copy_patient_orientation(source, sc)
+    for keyword in ("BodyPartExamined", "Laterality"):
+        if keyword in source and source[keyword].value:
+            sc.add(copy.deepcopy(source[keyword]))
+    sc.DeviceSerialNumber = ctx.device_uid
+    description = derivation_description(analysis, model, ctx)
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "NO"
+    sc.ConversionType = "WSD"
+    sc.SecondaryCaptureDeviceManufacturer = MANUFACTURER
+    sc.SecondaryCaptureDeviceManufacturerModelName = MODEL_NAME
+    sc.SecondaryCaptureDeviceSoftwareVersions = ctx.software_version
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    reference.PurposeOfReferenceCodeSequence = [
+        hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
+    ]
+    sc.SourceImageSequence = [reference]
+    sc.DerivationDescription = description[:1024]
+    derivation = [hd.sr.CodedConcept.from_code(codes.DCM.GradientWeightedClassActivation)]
+    if (source.get("Rows"), source.get("Columns")) != pixels.shape[:2]:
+        derivation.append(hd.sr.CodedConcept.from_code(codes.DCM.SpatialResampling))
+    sc.DerivationCodeSequence = derivation
+    sc.ImageComments = f"{DISCLAIMER}. {description}"[:10240]
+    if str(source.get("LossyImageCompression", "")).strip() == "01":
+        sc.LossyImageCompression = "01"
+        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if keyword in source:
+                sc.add(copy.deepcopy(source[keyword]))
+    return sc
+
+
+def reference_heatmap(
+    source: Dataset, result: ModelResult, ctx: OutputContext, placement: Placement
+) -> Dataset:
+    """The previous release's heatmap (highdicom ``Segmentation``)."""
+    cam = np.clip(np.asarray(result.cam, dtype=np.float32), 0.0, 1.0)
+    version = ctx.model(result.model).version
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=lo(result.model),
+        version=lo(version),
+        family=codes.DCM.ArtificialIntelligence,
+        source=MANUFACTURER,
+        parameters={
+            "probability": f"{result.probability:.6f}",
+            "threshold": f"{result.threshold:g}",
+            "decision": "positive" if result.positive else "negative",
+        },
+    )
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=lo(
+            f"{result.model} Grad-CAM: evidence for {'pneumonia' if result.positive else 'NORMAL'}"
+        ),
+        segmented_property_category=Code("404684003", "SCT", "Finding"),
+        segmented_property_type=Code("233604007", "SCT", "Pneumonia")
+        if result.positive
+        else Code("17621005", "SCT", "Normal"),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+    )
+    seg = hd.seg.Segmentation(
+        source_images=[reference_header(source)],
+        pixel_array=cam,
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+        segment_descriptions=[segment],
+        **_ref_instance(placement, ctx.outputs.heatmap_series_number),
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=ctx.software_version,
+        device_serial_number=ctx.device_uid,
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        max_fractional_value=255,
+        content_label="GRADCAM",
+        content_description=lo("Grad-CAM map, relative 0-1; AI research output, not diagnostic"),
+        series_description=lo(ctx.outputs.heatmap_series_description),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[
+            processing_algorithm(result.model, version, ctx.device_uid),
+            processing_equipment(
+                f"Grad-CAM map of {result.model} ({version})", ctx.device_uid, ctx.software_version
+            ),
+        ],
+    )
+    copy_patient_study(source, seg)
+    copy_patient_orientation(source, seg)
+    seg.ImageComments = (
+        f"{DISCLAIMER}. Grad-CAM of {result.model} ({version}): relative saliency scaled to its maximum "
+        f"(0-1), not a probability per pixel. {result.model} p={result.probability:.6f}, threshold "
+        f"{result.threshold:g}, decision {'positive' if result.positive else 'negative'}."
+    )
+    return seg
+
+
+def _ref_group(ref: Dataset, result: ModelResult, ctx: OutputContext, evidence: list[Evidence]) -> object:
+    identity = ctx.model(result.model)
+    common = {
+        "tracking_identifier": hd.sr.TrackingIdentifier(
+            uid=tracking_uid(str(ref.SOPInstanceUID), result.model),
+            identifier=f"Pneumonia classification: {result.model}",
+        ),
+        "finding_type": Code("233604007", "SCT", "Pneumonia"),
+        "finding_category": Code("404684003", "SCT", "Finding"),
+        "finding_sites": [hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
+        "algorithm_id": hd.sr.AlgorithmIdentification(
+            name=result.model,
+            version=identity.version,
+            parameters=[
+                f"builder={result.builder}",
+                f"checkpoint_sha256={result.checkpoint_sha256}",
+                f"input_size={identity.input_size}",
+            ],
+            family=codes.DCM.ArtificialIntelligence,
+            manufacturer=MANUFACTURER,
+        ),
+        "measurements": [
+            hd.sr.Measurement(
+                name=codes.DCM.Probability, value=float(result.probability), unit=codes.UCUM.NoUnits
+            ),
+            hd.sr.Measurement(
+                name=codes.DCM.ThresholdValue, value=float(result.threshold), unit=codes.UCUM.NoUnits
+            ),
+        ],
+        "qualitative_evaluations": [_ref_presence(bool(result.positive))],
+    }
+    if result.positive:
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=hot_region(result.cam, result.cam_peak),
+            source_image=hd.sr.SourceImageForRegion.from_source_image(ref),
+        )
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+    else:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ref)], **common
+        )
+    kinds = {"heatmap": (codes.DCM.ReferencedSegment, [1]), "sc": (codes.DCM.IllustrationOfROI, None)}
+    for e in evidence:
+        if e.model == result.model and e.kind in kinds:
+            concept, segments = kinds[e.kind]
+            group[0].ContentSequence.append(
+                hd.sr.ImageContentItem(
+                    name=concept,
+                    referenced_sop_class_uid=e.dataset.SOPClassUID,
+                    referenced_sop_instance_uid=e.dataset.SOPInstanceUID,
+                    referenced_segment_numbers=segments,
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+            )
+    return group
+
+
+def _ref_presence(positive: bool) -> hd.sr.QualitativeEvaluation:
+    return hd.sr.QualitativeEvaluation(
+        name=Code("233604007", "SCT", "Pneumonia"), value=codes.SCT.Present if positive else codes.SCT.Absent
+    )
+
+
+def _ref_library_entry(ref: Dataset) -> Dataset:
+    orientation, spacing = ref.get("PatientOrientation", None), ref.get("ImagerPixelSpacing", None)
+    geometry = (
+        not isinstance(orientation, str | None)
+        and not isinstance(spacing, str | None)
+        and len(orientation) == 2
+        and all(str(v).strip() for v in orientation)
+        and len(spacing) == 2
+        and all(float(v) > 0 for v in spacing)
+    )
+    if geometry:
+        return ref
+    entry = Dataset()
+    entry.update(ref)
+    entry.Modality = "OT"
+    return entry
+
+
+def reference_sr(
+    source: Dataset,
+    analysis: AnalysisResult,
+    ctx: OutputContext,
+    placement: Placement,
+    evidence: list[Evidence],
+    predecessor: Dataset | None = None,
+) -> Dataset:
+    """The previous release's SR (highdicom ``MeasurementReport`` in a ``Comprehensive3DSR``)."""
+    ref = reference_header(source)
+    headers = []
+    for e in evidence:
+        header = Dataset()
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
+            setattr(header, keyword, getattr(e.dataset, keyword))
+        headers.append(Evidence(e.kind, e.model, header))
+    results = list(analysis.models.values())
+    groups = [_ref_group(ref, r, ctx, headers) for r in results]
+    groups.append(
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=tracking_uid(str(ref.SOPInstanceUID), "consensus"),
+                identifier="Pneumonia consensus (majority vote)",
+            ),
+            finding_type=Code("233604007", "SCT", "Pneumonia"),
+            finding_category=Code("404684003", "SCT", "Finding"),
+            finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
+            algorithm_id=hd.sr.AlgorithmIdentification(
+                name="gradcam-node majority vote",
+                version=ctx.software_version,
+                parameters=[
+                    "models=" + ",".join(r.model for r in results),
+                    "rule=majority of the model decisions; a tie counts as positive",
+                ],
+                manufacturer=MANUFACTURER,
+            ),
+            qualitative_evaluations=[_ref_presence(bool(analysis.consensus))],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ref)],
+        )
+    )
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=ctx.device_uid, name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name=MODEL_NAME
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=codes.cid270.Device, observer_identifying_attributes=device
+            )
+        ),
+        procedure_reported=Code("399208008", "SCT", "Plain chest X-ray"),
+        imaging_measurements=groups,
+        referenced_images=[_ref_library_entry(ref)],
+    )
+    report[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=comment_text(results, analysis.consensus),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    names = ", ".join(analysis.models)
+    algorithms = [
+        processing_algorithm(m.name, m.version, ctx.device_uid)
+        for m in ctx.models
+        if m.name in analysis.models
+    ]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[ref, *(h.dataset for h in headers)],
+        content=report[0],
+        **_ref_instance(placement, ctx.outputs.sr_series_number),
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        contributing_equipment=[
+            *algorithms,
+            processing_equipment(
+                f"pneumonia classification by {names}", ctx.device_uid, ctx.software_version
+            ),
+        ],
+        series_description=lo(ctx.outputs.sr_series_description),
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=ctx.software_version,
+        device_serial_number=ctx.device_uid,
+        previous_versions=[predecessor] if predecessor is not None else None,
+    )
+    copy_patient_study(source, sr)
+    return sr
+
+
+_CREATED = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
+_CREATED += ("DateOfSecondaryCapture", "TimeOfSecondaryCapture")
+
+
+def _decoded(data: bytes) -> Dataset:
+    """``data`` read back with every element decoded (so that writing it encodes every element anew)."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+
+    def decode(d: Dataset) -> None:
+        for elem in d:  # iterating decodes each raw element in place
+            if elem.VR == "SQ":
+                for i in elem.value:
+                    decode(i)
+
+    decode(ds)
+    return ds
+
+
+def _as_made_now(data: bytes) -> Dataset:
+    """``data`` decoded, with the values that differ from one construction to the next made equal: the
+    creation times, highdicom's contribution time and its random Dimension Organization UID."""
+    ds = _decoded(data)
+    for keyword in _CREATED:
+        if keyword in ds:
+            setattr(ds, keyword, "20000101" if keyword.endswith("Date") else "000000")
+    for equipment in ds.get("ContributingEquipmentSequence", []):
+        if equipment.Manufacturer == "Highdicom open-source contributors":
+            equipment.ContributionDateTime = "20000101000000"
+    for keyword in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
+        for dimension in ds.get(keyword, []):
+            dimension.DimensionOrganizationUID = "2.25.1"
+    return ds
+
+
+def assert_identical(made: Dataset, reference: Dataset) -> None:
+    """``made`` is ``reference`` (but for :func:`_as_made_now`), and its bytes are what pydicom writes for
+    its content: the encoded parts it was assembled from are right, not only their decoded values."""
+    data = encoded(made)
+    assert encoded(_decoded(data)) == data, "assembled bytes differ from pydicom's encoding of their content"
+    ours, theirs = _as_made_now(data), _as_made_now(encoded(reference))
+    assert ours.file_meta == theirs.file_meta
+    assert ours.to_json_dict() == theirs.to_json_dict()  # a readable difference first
+    assert encoded(ours) == encoded(theirs)
+
+
+def _odd_source(index: int = 0) -> Dataset:
+    """A source with what real ones carry and highdicom refuses or handles on its own: a name without
+    ``^``, sex X, a partial birth date, a Latin-1 character set, more Patient and Study module attributes,
+    a frame of reference, Pixel Spacing, lossy compression."""
+    source = make_source("CR", "MONOCHROME1", index)
+    source.SpecificCharacterSet = "ISO_IR 100"
+    source.PatientName = "MÜLLER JÖRG"
+    source.PatientSex = "X"
+    source.PatientBirthDate = "1970"
+    source.ReferringPhysicianName = "Dr Who"
+    source.PatientComments = "prior pneumonia"
+    source.OtherPatientNames = "Jörg Müller"
+    source.AdmittingDiagnosesDescription = "cough"
+    source.FrameOfReferenceUID = "2.25.777"
+    source.PixelSpacing = [0.15, 0.15]
+    source.LossyImageCompression = "01"
+    source.LossyImageCompressionRatio = "10"
+    source.LossyImageCompressionMethod = "ISO_10918_1"
+    source.AcquisitionDate = "20250827"
+    del source.ImagerPixelSpacing
+    return source
+
+
+def _bare_source() -> Dataset:
+    """A source without the optional attributes, without a manufacturer (no acquisition equipment)."""
+    source = make_source("CR")
+    for keyword in ("AccessionNumber", "PatientBirthDate", "ReferringPhysicianName", "PatientSex", "StudyID"):
+        delattr(source, keyword)
+    for keyword in (
+        "StudyTime",
+        "StudyDescription",
+        "PatientOrientation",
+        "Manufacturer",
+        "SpecificCharacterSet",
+    ):
+        delattr(source, keyword)
+    return source
+
+
+IDENTITY_SOURCES = {"dx": make_source, "odd": _odd_source, "bare": _bare_source}
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
+@pytest.mark.parametrize("kind", sorted(IDENTITY_SOURCES))
+@pytest.mark.parametrize(
+    "model", [None, "ResNet18", "EfficientNet-B0"], ids=["summary", "positive", "negative"]
+)
+def test_sc_equals_the_highdicom_secondary_capture(kind: str, model: str | None) -> None:
+    source, ctx, analysis = IDENTITY_SOURCES[kind](), make_context(), make_analysis()
+    where = placed(source, ctx, "summary" if model is None else "sc", model, 3)
+    for pixels in (make_overlay(1), make_overlay(2)[:95, :127]):  # resampled; an odd number of bytes
+        made = build_secondary_capture(source, pixels, analysis, model, ctx, where)
+        assert_identical(made, reference_sc(source, pixels, analysis, model, ctx, where))
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
+@pytest.mark.parametrize("kind", sorted(IDENTITY_SOURCES))
+@pytest.mark.parametrize(
+    "probabilities",
+    [None, {"ResNet18": 0.9, "EfficientNet-B0": 0.9, "DenseNet121": 0.9}, ALL_NEGATIVE],
+    ids=["mixed", "positive", "negative"],
+)
+@pytest.mark.parametrize("predecessor", [False, True], ids=["first", "superseding"])
+def test_sr_equals_the_highdicom_document(kind: str, probabilities: dict | None, predecessor: bool) -> None:
+    """Three positive models, two of three, none; a first report and one that supersedes another; with
+    the evidence of a real result (and the maps of negative models too)."""
+    source, analysis = IDENTITY_SOURCES[kind](), make_analysis(probabilities)
+    ctx = make_context(outputs=OutputsConfig(negative_maps=kind == "odd"))
+    before = predecessor_header(source) if predecessor else None
+    built = build_all(source, analysis, ctx, before)
+    evidence = [Evidence(b.kind, b.model, b.dataset) for b in built[:-1]]
+    sr = built[-1].dataset
+    where = Placement(sr.SeriesInstanceUID, sr.SOPInstanceUID, int(sr.InstanceNumber))
+    assert_identical(built[-1].dataset, reference_sr(source, analysis, ctx, where, evidence, before))
+
+
+def test_identity_checks_fail_on_a_difference() -> None:
+    """The identity checks above are not vacuous: one changed value, or one element more, fails them."""
+    source, ctx, analysis = make_source(), make_context(), make_analysis()
+    where = placed(source, ctx, "sr")
+    reference = reference_sr(source, analysis, ctx, where, [])
+    made = build_sr(source, analysis, ctx, where)
+    assert_identical(made, reference)
+    changed = reread(made)
+    changed.ContentSequence[-1].TextValue += "."
+    with pytest.raises(AssertionError):
+        assert_identical(changed, reference)
+    more = reread(made)
+    more.StudyComments = "x"
+    with pytest.raises(AssertionError):
+        assert_identical(more, reference)
+
+
+# --- encoding ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "when",
+    [datetime.datetime(2026, 3, 4, 5, 6, 7, 890), datetime.datetime(2026, 3, 4, 5, 6, 7)],
+    ids=["microseconds", "whole second"],
+)
+def test_timestamps_are_written_as_pydicom_writes_highdicoms_values(when: datetime.datetime) -> None:
+    date, time, moment = timestamp(when)
+    for tag, vr, text, value in (
+        (0x00080012, "DA", date, DA(when.date())),
+        (0x00080013, "TM", time, TM(when.time())),
+        (0x0018A002, "DT", moment, DT(when)),
+    ):
+        assert element(tag, vr, text) == encode(DataElement(tag, vr, value)), vr
+
+
+@pytest.mark.parametrize(
+    ("vr", "value"),
+    [
+        ("CS", "ODD"),
+        ("CS", "EVEN"),
+        ("CS", ""),
+        ("UI", "2.25.123"),
+        ("UI", "2.25.12"),
+        ("DS", "0.87312345678912"),
+        ("IS", "7"),
+        ("LO", "Müller"),
+        ("LO", "Jörg"),
+        ("SH", "x"),
+        ("ST", "é" * 7),
+        ("LT", "a\\b"),
+        ("UT", "x" * 70000),
+        ("LO", "x" * 70001),
+        ("US", 1),
+        ("FD", 0.1),
+        ("FL", [1.5, 2.25]),
+        ("AT", 0x0062000B),
+    ],
+)
+@pytest.mark.parametrize("charset", [None, "ISO_IR 100", "ISO_IR 192"])
+@pytest.mark.filterwarnings("ignore:The value")  # the over-long LO, which pydicom writes as UN
+def test_elements_are_encoded_as_pydicom_encodes_them(vr: str, value: object, charset: str | None) -> None:
+    """The fast encoding of simple values, and pydicom's for the rest, give pydicom's bytes."""
+    from pydicom.charset import convert_encodings
+
+    encodings = tuple(convert_encodings(charset)) if charset else DEFAULT_ENCODINGS
+    tag = {"AT": 0x00209165, "FL": 0x00700022, "FD": 0x0040A161, "US": 0x00280010}.get(vr, 0x00100010)
+    assert element(tag, vr, value, encodings) == encode(DataElement(tag, vr, value), encodings)
+
+
+def test_outputs_share_no_mutable_part() -> None:
+    """Outputs are assembled from cached encoded parts: changing one output changes no other, nor the
+    next one built."""
+    source = make_source()
+    first = build_all(source)
+    for b in first:
+        b.dataset.ContributingEquipmentSequence[-2].Manufacturer = "CHANGED"
+        b.dataset.SeriesDescription = "CHANGED"
+    first[-1].dataset.ContentSequence[0].ConceptCodeSequence[0].CodeMeaning = "CHANGED"
+    for b in build_all(source):
+        text = encoded(b.dataset)
+        assert b"CHANGED" not in text, b.kind

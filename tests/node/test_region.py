@@ -48,3 +48,49 @@ def test_the_outline_follows_half_the_maximum() -> None:
 def test_an_empty_map_still_points_at_its_peak() -> None:
     outline = hot_region(np.zeros((64, 64), np.float32), (10, 20))
     assert _inside(outline, 10, 20) > 0
+
+
+def _traced_on_the_whole_map(cam: np.ndarray, peak: tuple[int, int], fraction: float) -> np.ndarray | None:
+    """The previous release's trace: the peak's component on the whole map, enlarged 2x, traced, before
+    simplification (the outline is now traced on the component's box only)."""
+    arr = np.asarray(cam, np.float32)
+    top = float(arr.max())
+    if not np.isfinite(top) or top <= 0:
+        return None
+    mask = (arr >= fraction * top).astype(np.uint8)
+    mask[peak] = 1
+    _, labels = cv2.connectedComponents(mask, connectivity=8)
+    big = cv2.resize(
+        (labels == labels[peak]).astype(np.uint8), None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST
+    )
+    contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return (max(contours, key=cv2.contourArea).reshape(-1, 2).astype(np.float32) + 0.5) / 2.0
+
+
+def _maps(seed: int) -> list[np.ndarray]:
+    """Maps of several kinds and sizes: blobs (one touching the edge), noise, a half-filled map, specks."""
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(5, 300, 2))
+    rows, cols = np.mgrid[0:h, 0:w].astype(np.float32)
+    blobs = np.zeros((h, w), np.float32)
+    for _ in range(3):
+        r, c, sigma = rng.integers(0, h), rng.integers(0, w), rng.uniform(1, max(h, w) / 3)
+        blobs += np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * sigma**2)).astype(np.float32)
+    half = rng.random((h, w), dtype=np.float32)
+    half[:, : w // 2] = 1.0
+    specks = (rng.random((h, w)) > 0.8).astype(np.float32)
+    return [blobs, rng.random((h, w), dtype=np.float32), half, specks]
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_the_outline_is_the_trace_of_the_whole_map(seed: int) -> None:
+    """Tracing the peak's component in its box gives the points that tracing the whole map gave."""
+    from node.outputs.region import _simplified
+
+    for cam in _maps(seed):
+        for peak in [tuple(int(v) for v in np.unravel_index(cam.argmax(), cam.shape)), (0, 0)]:
+            for fraction in (0.5, 0.9):
+                whole = _traced_on_the_whole_map(cam, peak, fraction)
+                expected = _simplified(whole, (peak[1] + 0.5, peak[0] + 0.5))
+                outline = hot_region(cam, peak, fraction)
+                np.testing.assert_array_equal(outline, np.vstack([expected, expected[:1]]))
