@@ -7,8 +7,9 @@ sends only) and N ``gradcam-node work`` processes started by the bench with the 
 PostgreSQL database on a throw-away server, tests/postgres.py) and ports. Once every worker has logged
 "started", it sends the phantoms with DCMTK's ``/usr/bin/storescu`` and waits until every job is finished
 and every send is done; the destination is DCMTK's ``storescp`` (as in bench/node.py, whose parts this
-reuses). Workers that ``serve`` did not start, and ``serve``'s sender, learn of new jobs and sends by
-looking every ``[worker] poll_s`` when idle (``--poll-s``; default the configuration's): at a few seconds a
+reuses). On PostgreSQL the workers and ``serve``'s sender are rung by NOTIFY when a job or a send is
+queued; on SQLite, workers that ``serve`` did not start, and its sender, find them by looking every
+``[worker] poll_s`` when idle (``--poll-s``; default the configuration's): at a few seconds a
 configuration, that wait is part of the throughput. Prints, per configuration:
 
 * throughput: instances per second from the first acknowledgement to the last output received at the

@@ -275,7 +275,7 @@ def check_displayed(pixels: np.ndarray, hint: str = "") -> Verdict:
             "every pixel has the same value" if hi == lo else "the pixels differ by less than one grey level"
         )
         return Verdict.refuse(f"blank image: {what} after the display pipeline{hint}; nothing to analyse")
-    step = max(1, int(np.sqrt(pixels.size / 250_000)))
+    step = max(1, int(np.sqrt(pixels.size / 65_536)))  # a quarter-megapixel sample tells a blank field
     sample = pixels[::step, ::step] if pixels.ndim == 2 else pixels
     tail = (1.0 - _BLANK_SHARE) / 2.0 * 100.0
     p_lo, p_hi = np.percentile(sample, [tail, 100.0 - tail])

@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         "as many as the machines allow, beside `serve` or on other machines that share its database "
         "(PostgreSQL) and spool folder; see README, 'Scaling out'.",
     )
-    w.add_argument("--device", metavar="D", help="override [worker] device: auto, cpu, cuda or cuda:N")
+    w.add_argument(
+        "--device", metavar="D", type=_device, help="override [worker] device: auto, cpu, cuda or cuda:N"
+    )
     w.add_argument("--slot", type=int, default=0, help=argparse.SUPPRESS)  # serve's local worker number
     w.add_argument("--wake-fd", type=int, default=None, help=argparse.SUPPRESS)  # see node.work.process
     w.add_argument("--notify-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -199,6 +201,15 @@ def _add_common(parser: argparse.ArgumentParser, on_subcommand: bool = False) ->
     parser.add_argument(
         "--debug", action="store_true", default=debug_default, help="verbose logging and tracebacks on errors"
     )
+
+
+def _device(text: str) -> str:
+    from node.config import device_name
+
+    try:
+        return device_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _job_id(text: str) -> int:

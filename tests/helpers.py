@@ -154,6 +154,8 @@ def write_test_config(
     # the status page is off unless a test asks for it (http={"port": free_port()}): nodes of the
     # tests run side by side, and the default port 8080 would be taken by the first
     sections.setdefault("http", {"enabled": False})
+    # one worker process unless a test asks for more: tests are about behaviour, and run side by side
+    sections["worker"] = {"processes": 1, **sections.get("worker", {})}
     parts = [_table("node", node)]
     for name, values in sections.items():
         parts.append(_table(name, values))

@@ -1,7 +1,8 @@
-"""The node's tables: associations, received instances, jobs, results, outputs, sends and operations.
+"""The node's tables: associations, received instances, jobs, results, outputs, sends, deliveries and
+operations. Their history is in :mod:`node.db.migrations` (one revision per change).
 
-The contract is /work/notes/SCHEMA.md. Every timestamp is a timezone-aware UTC :class:`~datetime.datetime`
-whatever the backend (SQLite stores naive UTC text; :class:`UtcDateTime` puts the zone back on the way out).
+Every timestamp is a timezone-aware UTC :class:`~datetime.datetime` whatever the backend (SQLite stores
+naive UTC text; :class:`UtcDateTime` puts the zone back on the way out).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, selectinload
 
 from node.config import Settings
-from node.db import Association, Job, JobStatus, create_schema, make_engine, session_factory
+from node.db import Association, Job, JobStatus, Send, create_schema, make_engine, session_factory
 
 __all__ = ["print_jobs", "job_records", "job_record"]
 
@@ -36,6 +36,9 @@ def job_record(job: Job) -> dict[str, Any]:
         "duration_ms": job.duration_ms,
         "consensus": job.consensus,
         "reply_ae": job.reply_ae,
+        # while running: the worker process that holds it ("host:pid") and until when, unless renewed
+        "leased_by": job.leased_by,
+        "lease_until": _iso(job.lease_until),
         "instance": {
             "sop_instance_uid": inst.sop_instance_uid,
             "sop_class_uid": inst.sop_class_uid,
@@ -82,6 +85,7 @@ def job_record(job: Job) -> dict[str, Any]:
                 "attempts": s.attempts,
                 "last_error": s.last_error,
                 "sent_at": _iso(s.sent_at),
+                "delivered": len(s.deliveries),  # instances the destination acknowledged
             }
             for s in job.sends
         ],
@@ -93,7 +97,7 @@ def job_records(session: Session, limit: int, status: JobStatus | None = None) -
     q = (
         select(Job)
         .options(selectinload(Job.instance), selectinload(Job.results), selectinload(Job.outputs))
-        .options(selectinload(Job.sends))
+        .options(selectinload(Job.sends).selectinload(Send.deliveries))
         .order_by(Job.created_at.desc(), Job.id.desc())
         .limit(limit)
     )
@@ -137,6 +141,8 @@ def _table(records: list[dict[str, Any]], assoc: dict[str, int], out: TextIO) ->
         )
         if r["reason"]:
             print(f"       reason: {r['reason']}", file=out)
+        if r["status"] == "running" and r["leased_by"]:
+            print(f"       worker: {r['leased_by']} (lease until {(r['lease_until'] or '')[:19]})", file=out)
         if r["results"]:
             models = "; ".join(
                 f"{m['model']} {m['probability']:.3f} {'>=' if m['positive'] else '<'} {m['threshold']:g}"
@@ -150,7 +156,7 @@ def _table(records: list[dict[str, Any]], assoc: dict[str, int], out: TextIO) ->
             print(f"       output {what}: {o['path']}{supersedes}{purged}", file=out)
         if r["sends"]:
             sends = "; ".join(
-                f"{s['destination']} {s['status']} ({s['attempts']} attempt(s))"
+                f"{s['destination']} {s['status']} ({s['attempts']} attempt(s), {s['delivered']} delivered)"
                 + (f": {s['last_error']}" if s["last_error"] and s["status"] != "sent" else "")
                 for s in r["sends"]
             )

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Destination, OutboxConfig
@@ -157,26 +158,24 @@ def claim_send(
         ).rowcount
         if claimed != 1:
             return None
-        send = session.get(Send, send_id, populate_existing=True)
-        assert send is not None  # just updated in this transaction
-        done = set(session.scalars(select(Delivery.sop_instance_uid).where(Delivery.send_id == send_id)))
-        rows = [
-            o
-            for o in session.scalars(select(Output).where(Output.job_id == send.job_id).order_by(Output.id))
-            if o.sop_instance_uid not in done
-        ]
-        files = tuple(
-            OutgoingFile(
-                sop_class_uid=o.sop_class_uid,
-                sop_instance_uid=o.sop_instance_uid,
-                path=Path(o.path),
-                kind=o.kind,
-                model=o.model,
+        send = session.execute(
+            select(Send.job_id, Send.destination, Send.ae_title, Send.host, Send.port, Send.attempts).where(
+                Send.id == send_id
             )
-            for o in rows
+        ).one()  # plain rows, no ORM objects: this runs for every job sent
+        done = set(session.scalars(select(Delivery.sop_instance_uid).where(Delivery.send_id == send_id)))
+        outputs = session.execute(
+            select(Output.sop_class_uid, Output.sop_instance_uid, Output.path, Output.kind, Output.model)
+            .where(Output.job_id == send.job_id)
+            .order_by(Output.id)
+        )
+        files = tuple(
+            OutgoingFile(sop_class, uid, Path(path), kind, model)
+            for sop_class, uid, path, kind, model in outputs
+            if uid not in done
         )
         return SendWork(
-            send_id=send.id,
+            send_id=send_id,
             job_id=send.job_id,
             destination=send.destination,
             ae_title=send.ae_title,
@@ -189,15 +188,17 @@ def claim_send(
 
 
 def record_delivery(factory: sessionmaker[Session], send_id: int, sop_instance_uid: str, status: int) -> None:
-    """The destination acknowledged one file of a send: it is not sent again by a later attempt."""
-    with factory.begin() as session:
-        known = session.scalar(
-            select(Delivery.id).where(
-                Delivery.send_id == send_id, Delivery.sop_instance_uid == sop_instance_uid
+    """The destination acknowledged one file of a send: it is not sent again by a later attempt. One plain
+    INSERT (this runs for every file sent); a delivery recorded already is left as it is."""
+    try:
+        with factory.begin() as session:
+            session.execute(
+                insert(Delivery).values(
+                    send_id=send_id, sop_instance_uid=sop_instance_uid, status=status, delivered_at=utcnow()
+                )
             )
-        )
-        if known is None:
-            session.add(Delivery(send_id=send_id, sop_instance_uid=sop_instance_uid, status=status))
+    except IntegrityError:
+        pass  # the same file acknowledged twice (sent again after a kill): one record is enough
 
 
 def record_attempt(

@@ -93,9 +93,6 @@ class WorkerPool:
         if self._thread is not None:
             self._thread.join(5)
 
-    def join(self, timeout: float | None = None) -> None:  # noqa: ARG002 - the service's stop protocol
-        return
-
     def is_alive(self) -> bool:
         """Every worker process runs (True when there are none to run)."""
         with self._lock:

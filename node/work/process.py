@@ -19,7 +19,7 @@ import signal
 import threading
 from collections.abc import Callable
 
-from node.checks import check_spool, open_database
+from node.checks import StartError, check_spool, open_database
 from node.config import Settings
 from node.queue import JobSignal
 
@@ -75,6 +75,7 @@ def run_worker(
     """Run one worker until SIGTERM or SIGINT (or, when started by ``serve``, until ``serve`` is gone)."""
     import torch
 
+    from node.work.inference import ModelStartError
     from node.work.worker import Worker
 
     # this process only resizes and normalises inputs (the models run in its model process): torch's
@@ -92,7 +93,9 @@ def run_worker(
             worker = Worker(settings, sessions, job_signal, send_signal, device, slot)
         except Exception as exc:
             if notify_fd is None:
-                raise  # the command line prints it
+                if isinstance(exc, ModelStartError):
+                    raise StartError(str(exc)) from exc
+                raise  # the command line prints it: one line
             # serve reports it, as its own start error: one line, once (the traceback with --debug)
             log.debug("worker cannot start", exc_info=True)
             line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -104,14 +107,16 @@ def run_worker(
             os.write(notify_fd, READY)
             os.set_blocking(notify_fd, False)
         worker.start()
+        code = 0
         while not stop.wait(0.5):
             if not worker.is_alive():
                 log.error("worker thread ended unexpectedly; stopping the process")
+                code = 1
                 break
         log.info("stopping: finishing the batches in flight")
         worker.stop()
         worker.join(_JOIN_TIMEOUT_S)
-        return 0
+        return code
     finally:
         if engine is not None:
             engine.dispose()

@@ -27,9 +27,9 @@ def _settings(tmp_path: Path, **worker: Any) -> Any:
 
 
 def test_defaults_use_the_machine(tmp_path: Path) -> None:
-    w = _settings(tmp_path).worker
+    w = _settings(tmp_path, processes="auto").worker
     assert (w.processes, w.lease_s, w.device, w.poll_s) == (default_processes(), 30.0, "auto", 1.0)
-    assert default_processes() == max(1, (os.cpu_count() or 2) // 8)
+    assert default_processes() == min(8, max(2, (os.cpu_count() or 2) // 4))
 
 
 def test_processes_and_device_as_given(tmp_path: Path) -> None:
