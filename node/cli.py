@@ -344,7 +344,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return print_jobs(settings, limit=args.limit, status=args.status, as_json=args.json)
     if cmd == "echo":
-        from node.send.sender import echo_command
+        from node.send.echo import echo_command
 
         return echo_command(settings, args.destination)
     if cmd == "demo":

@@ -10,7 +10,7 @@ from pydicom.uid import UID
 
 from gradcam.eligibility import ANALYSED_SOP_CLASSES
 from node.receive import scp
-from node.send.sender import OUTPUT_SOP_CLASSES
+from node.send.association import OUTPUT_SOP_CLASSES
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
 _UID = re.compile(r"\b1\.2\.840\.10008(?:\.\d+)+\b")

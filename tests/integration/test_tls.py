@@ -48,7 +48,7 @@ from node.db import (
 from node.ops.demo import load_orthanc_config
 from node.queue import JobSignal
 from node.receive.scp import start_scp
-from node.send.sender import echo
+from node.send.echo import echo
 from node.tls import tls_args
 from tests.integration.orthanc_fixture import (
     OrthancFactory,

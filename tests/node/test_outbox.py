@@ -44,6 +44,9 @@ from node.db import (
 )
 from node.ops.demo import port_is_free
 from node.queue import JobSignal
+from node.send.association import SC_SOP_CLASS
+from node.send.echo import echo_command
+from node.send.link import Link, SendOutcome
 from node.send.outbox import (
     OutgoingFile,
     SendWork,
@@ -55,7 +58,7 @@ from node.send.outbox import (
     record_attempt,
     record_delivery,
 )
-from node.send.sender import SC_SOP_CLASS, Link, Sender, SendOutcome, echo_command
+from node.send.sender import Sender
 from node.work.claim import claim_jobs
 from node.work.worker import Worker
 
@@ -914,7 +917,7 @@ def test_send_parks_the_association_thread_before_each_c_store(tmp_path: Path) -
     for the DIMSE timeout, and the retry duplicates instances at the peer); the sender parks that thread
     first. Checked on a real association: parked while we send, running again afterwards, also when the
     send fails before reaching the network."""
-    from node.send.sender import _pause_reactor, _send_one
+    from node.send.link import _pause_reactor, _send_one
 
     port = _free_port()
     scp = _Scp(port)
