@@ -145,6 +145,16 @@ def _status_table(counts: Mapping[str, int], window: str) -> str:
     return f"<table>{rows}</table>"
 
 
+def _holders(o: Overview) -> str:
+    """Which worker processes run the running jobs; one whose lease ran out is gone (its jobs are taken
+    over by another worker)."""
+    return "".join(
+        f'<br><span class="holder{" error" if h.expired else ""}" data-worker="{_e(h.worker)}">'
+        f"{_e(h.worker)}: {int(h.jobs)} job(s){', lease expired: worker gone?' if h.expired else ''}</span>"
+        for h in o.holders
+    )
+
+
 def _cards(o: Overview) -> str:
     oldest = "none queued"
     if o.oldest_queued_job is not None:
@@ -154,7 +164,7 @@ def _cards(o: Overview) -> str:
         )
     queue = (
         f'<div class="card"><h2>Queue</h2><div class="big">{_figure("queue-depth", o.queue_depth)}</div>'
-        f"queued, {_figure('running', o.running)} running<br>{oldest}</div>"
+        f"queued, {_figure('running', o.running)} running<br>{oldest}{_holders(o)}</div>"
     )
     hour = f'<div class="card"><h2>Jobs received, last hour</h2>{_status_table(o.last_hour, "hour")}</div>'
     day = f'<div class="card"><h2>Jobs received, last 24 h</h2>{_status_table(o.last_day, "day")}</div>'

@@ -6,8 +6,8 @@ Everything here is what ``gradcam-node jobs`` shows (UIDs, AE titles, statuses, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,17 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class Holder:
+    """A worker process that holds running jobs: its id (``host:pid``), how many, and until when at most;
+    a lease in the past means the worker is gone and another one takes its jobs over."""
+
+    worker: str
+    jobs: int
+    lease_until: datetime | None
+    expired: bool
+
+
+@dataclass(frozen=True)
 class Overview:
     """Everything the page shows, taken at ``now``."""
 
@@ -89,6 +100,7 @@ class Overview:
     sends: SendSummary
     disk: Disk
     recent: list[dict[str, Any]]  # job records as `jobs --json`, with "thumbnail": an output id or None
+    holders: list[Holder] = field(default_factory=list)  # the worker processes running jobs now
 
     @property
     def oldest_queued_age_s(self) -> float | None:
@@ -184,6 +196,20 @@ def _thumbnails(s: Session, job_ids: list[int]) -> dict[int, int]:
     return {job_id: output_id for job_id, (_, output_id) in chosen.items()}
 
 
+def _holders(s: Session, now: datetime) -> list[Holder]:
+    rows = s.execute(
+        select(Job.leased_by, func.count(), func.max(Job.lease_until))
+        .where(Job.status == JobStatus.RUNNING)
+        .group_by(Job.leased_by)
+        .order_by(Job.leased_by)
+    ).all()
+    out = []
+    for worker, n, until in rows:
+        until = None if until is None else (until if until.tzinfo else until.replace(tzinfo=UTC))
+        out.append(Holder(worker or "(unknown)", int(n), until, until is not None and until < now))
+    return out
+
+
 def overview(s: Session, settings: Settings, recent: int, now: datetime | None = None) -> Overview:
     """The page's figures; ``recent`` newest jobs, as ``gradcam-node jobs --json --limit recent``."""
     now = now or utcnow()
@@ -205,6 +231,7 @@ def overview(s: Session, settings: Settings, recent: int, now: datetime | None =
         sends=_sends(s),
         disk=disk(settings),
         recent=records,
+        holders=_holders(s, now),
     )
 
 

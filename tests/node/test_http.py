@@ -208,6 +208,25 @@ def test_overview_counts_what_the_tables_hold(world: World) -> None:
     assert all("patient_id" not in json.dumps(r) and "SECRET" not in json.dumps(r) for r in o.recent)
 
 
+def test_the_page_names_the_workers_that_hold_running_jobs(world: World) -> None:
+    now = utcnow()
+    with world.sessions.begin() as s:
+        running = s.get(Job, world.jobs["running"])
+        running.leased_by, running.lease_until = "gpu-host-2:4242", now - timedelta(seconds=5)
+    with world.sessions() as s:
+        (holder,) = overview(s, world.settings, 10, now).holders
+    assert (holder.worker, holder.jobs, holder.expired) == ("gpu-host-2:4242", 1, True)
+    html = StatusApp(world.settings, world.sessions, lambda: ALL_UP).get("/", {}).body.decode()
+    assert (
+        '<span class="holder error" data-worker="gpu-host-2:4242">gpu-host-2:4242: 1 job(s), lease expired: '
+        "worker gone?</span>" in html
+    )
+    with world.sessions.begin() as s:
+        s.get(Job, world.jobs["running"]).lease_until = now + timedelta(seconds=30)
+    with world.sessions() as s:
+        assert [h.expired for h in overview(s, world.settings, 10, now).holders] == [False]
+
+
 def test_job_detail_has_attempts_association_and_output_ids(world: World) -> None:
     with world.sessions() as s:
         d = job_detail(s, world.jobs["done"])
