@@ -58,6 +58,7 @@ from gradcam.phantoms import generate_dataset  # noqa: E402
 from gradcam.preprocess import load_image, to_model_input  # noqa: E402
 from node.config import load_settings  # noqa: E402
 from node.db import Instance, Job, JobStatus, Output, make_engine, session_factory  # noqa: E402
+from node.ops.demo import toml_value  # noqa: E402
 from node.send.association import OUTPUT_SOP_CLASSES  # noqa: E402
 
 __all__ = ["main"]
@@ -215,14 +216,6 @@ class StorescpReceiver:
 # --- node -----------------------------------------------------------------------------------------------
 
 
-def _toml(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    return json.dumps(str(v))
-
-
 def write_config(
     path: Path, base_path: Path, models: tuple[ModelConfig, ...], port: int, dest_port: int, work: Path
 ) -> None:
@@ -232,8 +225,8 @@ def write_config(
         'ae_title = "GRADCAM"',
         'bind = "127.0.0.1"',
         f"port = {port}",
-        f"storage_dir = {_toml(work / 'spool')}",
-        f"database_url = {_toml('sqlite:///' + str(work / 'node.db'))}",
+        f"storage_dir = {toml_value(work / 'spool')}",
+        f"database_url = {toml_value('sqlite:///' + str(work / 'node.db'))}",
         "min_free_disk_mb = 0",
         "[worker]",
         f"batch_size = {base.worker.batch_size}",
@@ -255,7 +248,7 @@ def write_config(
         "[render]",
         f"max_side = {base.core.render.max_side}",
         f"opacity = {base.core.render.opacity}",
-        f"colormap = {_toml(base.core.render.colormap)}",
+        f"colormap = {toml_value(base.core.render.colormap)}",
         "[routing]",
         'default_destination = "bench"',
         "[[destinations]]",
@@ -267,9 +260,9 @@ def write_config(
     for m in models:
         lines += [
             f"[models.{json.dumps(m.name)}]",
-            f"builder = {_toml(m.builder)}",
-            f"checkpoint = {_toml(m.checkpoint)}",
-            f"target_layer = {_toml(m.target_layer)}",
+            f"builder = {toml_value(m.builder)}",
+            f"checkpoint = {toml_value(m.checkpoint)}",
+            f"target_layer = {toml_value(m.target_layer)}",
             f"input_size = {m.input_size}",
             f"threshold = {m.threshold}",
         ]

@@ -106,7 +106,7 @@ def write_scale_config(
     ``poll_s``."""
     bench.write_config(path, base_path, models, ports[0], ports[1], work)
     overrides = {
-        "node": {"database_url": bench._toml(db_url)},
+        "node": {"database_url": bench.toml_value(db_url)},
         "worker": {"processes": "0", "inference_threads": str(threads), "poll_s": repr(poll_s)},
     }
     lines, section = path.read_text(encoding="utf-8").splitlines(), ""

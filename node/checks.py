@@ -47,19 +47,24 @@ def listen_error(node: NodeConfig, settings: Settings, exc: OSError) -> StartErr
     return StartError(f"{where}: {todo}")
 
 
+def _bind_once(host: str, port: int) -> None:
+    """Bind ``host:port`` and let it go at once; OSError (socket.gaierror included: a name that does not
+    resolve) if the server could not. SO_REUSEADDR as pynetdicom's and http.server's servers set it: a port
+    whose last connections are in TIME_WAIT is free."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+
+
 def check_port(settings: Settings) -> None:
     """Bind the listening address once and let it go: the SCP binds it for real once the models are ready."""
-    node = settings.node
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            node.bind, node.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        with socket.socket(family, kind, proto) as probe:
-            # as pynetdicom's server does: a port whose last connections are in TIME_WAIT is free
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
-    except OSError as exc:  # socket.gaierror included: a bind name that does not resolve
-        raise listen_error(node, settings, exc) from exc
+        _bind_once(settings.node.bind, settings.node.port)
+    except OSError as exc:
+        raise listen_error(settings.node, settings, exc) from exc
 
 
 def check_spool(settings: Settings) -> None:
@@ -160,14 +165,9 @@ def http_error(settings: Settings, exc: OSError) -> StartError:
 
 def check_http_port(settings: Settings) -> None:
     """The status page's address, bound once and let go as :func:`check_port` does for the SCP's."""
-    http = settings.http
+    if not settings.http.enabled:
+        return
     try:
-        if http.enabled:
-            family, kind, proto, _, address = socket.getaddrinfo(
-                http.bind, http.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )[0]
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server's
-                probe.bind(address)
+        _bind_once(settings.http.bind, settings.http.port)
     except OSError as exc:
         raise http_error(settings, exc) from exc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-__all__ = ["JobSignal", "SendSignal", "Notifier"]
+__all__ = ["JobSignal", "Notifier"]
 
 
 class Notifier(Protocol):
@@ -44,7 +44,3 @@ class JobSignal:
         """Whether a notification is waiting to be consumed."""
         with self._cond:
             return self._pending
-
-
-# The outbox wakes up the same way; a separate instance, not a separate mechanism.
-SendSignal = JobSignal

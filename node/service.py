@@ -62,8 +62,8 @@ def _content_key(settings: Settings, sessions: sessionmaker) -> str | None:
     receiver whether an image sent again must be analysed again; None when this machine has not got the
     checkpoints (a receiver whose workers run elsewhere): then an image sent again is not re-analysed."""
     from gradcam.models import file_sha256
+    from node.db.device import device_uid
     from node.outputs import OutputContext
-    from node.work.results import device_uid
 
     try:
         models = [(m, file_sha256(m.checkpoint)) for m in settings.core.enabled_models]

@@ -23,11 +23,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from node.ops.demo import toml_value
+
 __all__ = [
     "TEST_MODELS",
+    "StoreScp",
+    "CountingScp",
     "DX_SOP_CLASS",
     "CR_SOP_CLASS",
     "CT_SOP_CLASS",
@@ -88,22 +93,8 @@ def make_test_checkpoints(
     return out
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str | Path):
-        return json.dumps(str(v))  # a JSON string is a valid TOML basic string
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
 def _table(name: str, values: Mapping[str, Any]) -> str:
-    lines = [f"[{name}]"] + [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in values.items()]
+    lines = [f"[{name}]"] + [f"{json.dumps(k)} = {toml_value(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -163,7 +154,7 @@ def write_test_config(
         parts.append(_table("routing", {"default_destination": default_destination}))
     for dest in destinations:
         parts.append(
-            "[[destinations]]\n" + "\n".join(f"{k} = {_toml_value(v)}" for k, v in dest.items()) + "\n"
+            "[[destinations]]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in dest.items()) + "\n"
         )
     for name, ckpt in checkpoints.items():
         builder, layer = TEST_MODELS[name]
@@ -329,6 +320,70 @@ OUTPUT_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.88.34",
     "1.2.840.10008.5.1.4.1.1.66.4",
 )
+
+
+class StoreScp:
+    """DCMTK storescp in its own folder: unique file names, so every delivery is a separate file."""
+
+    def __init__(self, directory: Path, ae_title: str = "PACS", port: int | None = None) -> None:
+        self.dir = directory
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._seen: dict[Path, tuple[str, str]] = {}
+
+    def start(self) -> None:
+        (self.dir / "in").mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "storescp.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    dcmtk("storescp"),
+                    "-aet",
+                    self.ae_title,
+                    "-od",
+                    self.dir / "in",
+                    "+xa",
+                    "+uf",
+                    "-fe",
+                    ".dcm",
+                    str(self.port),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        wait_until("storescp to listen", self._listening, 20)
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"storescp exited with {self.proc.returncode}: {self.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return (self.dir / "storescp.log").read_text(errors="replace")
+
+    def received(self) -> dict[str, list[Path]]:
+        """SOP Instance UID -> files received with it (complete files only: storescp writes then closes)."""
+        out: dict[str, list[Path]] = {}
+        for path in sorted((self.dir / "in").glob("*.dcm")):
+            if path not in self._seen:
+                try:
+                    ds = dcmread(path, stop_before_pixels=True)
+                except Exception:  # noqa: BLE001 - still being written; read again next poll
+                    continue
+                self._seen[path] = (str(ds.SOPInstanceUID), str(ds.SOPClassUID))
+            out.setdefault(self._seen[path][0], []).append(path)
+        return out
 
 
 class CountingScp:

@@ -163,6 +163,16 @@ def _histogram(
     return out
 
 
+def _add_by_label(family: Any, rows: Any, label_of: Any) -> None:
+    """Add ``(reason, count)`` rows to ``family`` summed by the fixed label each reason maps to."""
+    by_label: dict[str, int] = {}
+    for reason, n in rows:
+        label = label_of(reason)
+        by_label[label] = by_label.get(label, 0) + int(n)
+    for label, n in sorted(by_label.items()):
+        family.add_metric([label], n)
+
+
 class NodeCollector:
     """A ``prometheus_client`` collector that reads every figure from the database at scrape time."""
 
@@ -212,17 +222,12 @@ class NodeCollector:
             "Associations refused with A-ASSOCIATE-RJ, by reason",
             labels=["reason"],
         )
-        by_reason: dict[str, int] = {}
         rows = s.execute(
             select(Association.reason, func.count())
             .where(Association.status == AssociationStatus.REJECTED)
             .group_by(Association.reason)
         ).all()
-        for reason, n in rows:
-            label = reject_reason(reason)
-            by_reason[label] = by_reason.get(label, 0) + int(n)
-        for label, n in sorted(by_reason.items()):
-            rejected.add_metric([label], n)
+        _add_by_label(rejected, rows, reject_reason)
         yield rejected
         open_now = s.scalar(
             select(func.count())
@@ -240,15 +245,10 @@ class NodeCollector:
         skipped = CounterMetricFamily(
             P + "jobs_skipped", "Instances not analysed (triage), by reason", labels=["reason"]
         )
-        by_reason: dict[str, int] = {}
         rows = s.execute(
             select(Job.reason, func.count()).where(Job.status == JobStatus.SKIPPED).group_by(Job.reason)
         ).all()
-        for reason, n in rows:
-            label = skip_reason(reason)
-            by_reason[label] = by_reason.get(label, 0) + int(n)
-        for label, n in sorted(by_reason.items()):
-            skipped.add_metric([label], n)
+        _add_by_label(skipped, rows, skip_reason)
         yield skipped
         yield GaugeMetricFamily(P + "queue_depth", "Jobs queued", counts.get(JobStatus.QUEUED.value, 0))
         yield GaugeMetricFamily(

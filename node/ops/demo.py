@@ -48,6 +48,8 @@ __all__ = [
     "LocalOrthanc",
     "storescu",
     "compress",
+    "toml_value",
+    "terminate",
     "dump_node_toml",
     "derived_node_config",
     "NodeProcess",
@@ -353,12 +355,7 @@ class LocalOrthanc:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        terminate(proc, timeout)
 
     def restart(self, *, dicom_port: int | None = None, timeout: float = 60.0) -> None:
         """Stop, then start again on the same storage (optionally on another DICOM port)."""
@@ -441,7 +438,18 @@ def compress(path: Path, kind: str) -> bool:
 # --- node configuration and process -------------------------------------------------------------------------
 
 
-def _toml_value(v: Any) -> str:
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM a child and wait ``timeout`` seconds for it; SIGKILL it after that."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def toml_value(v: Any) -> str:
+    """``v`` (bool, number, string or path, list, table) written as a TOML value."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
@@ -449,9 +457,9 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, str | Path):
         return json.dumps(str(v))  # a JSON string is a valid TOML basic string
     if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
@@ -466,16 +474,16 @@ def dump_node_toml(data: dict[str, Any]) -> str:
         if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
             for item in value:
                 out.append(f"\n[[{_toml_key(name)}]]")
-                out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in item.items()]
+                out += [f"{_toml_key(k)} = {toml_value(v)}" for k, v in item.items()]
         elif isinstance(value, dict) and value and all(isinstance(x, dict) for x in value.values()):
             for sub, table in value.items():  # [models."NAME"]
                 out.append(f"\n[{_toml_key(name)}.{_toml_key(sub)}]")
-                out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
+                out += [f"{_toml_key(k)} = {toml_value(v)}" for k, v in table.items()]
         elif isinstance(value, dict):
             out.append(f"\n[{_toml_key(name)}]")
-            out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
+            out += [f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()]
         else:
-            out.insert(0, f"{_toml_key(name)} = {_toml_value(value)}")
+            out.insert(0, f"{_toml_key(name)} = {toml_value(value)}")
     return "\n".join(out).lstrip("\n") + "\n"
 
 
@@ -570,12 +578,7 @@ class NodeProcess:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        terminate(proc, timeout)
 
 
 # --- the demo -----------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def processing_equipment(
 ) -> hd.ContributingEquipment:
     """The node as processing equipment of an output (Contributing Equipment Sequence item).
 
-    ``device_uid`` (the installation's, see :func:`node.work.results.device_uid`) is its Device Serial Number:
+    ``device_uid`` (the installation's, see :func:`node.db.device.device_uid`) is its Device Serial Number:
     the item has no Device UID attribute in the IODs dciodvfy knows.
     """
     item = hd.ContributingEquipment(

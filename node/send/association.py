@@ -12,6 +12,9 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
 from node.config import Settings
+from node.outputs.heatmap import SEGMENTATION_SOP_CLASS
+from node.outputs.sc import SC_SOP_CLASS
+from node.outputs.sr import SR_SOP_CLASS
 from node.tls import ClientContext, describe_tls_error, tls_args
 
 __all__ = [
@@ -29,9 +32,7 @@ __all__ = [
     "tls_failure",
 ]
 
-SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SEG_SOP_CLASS = SEGMENTATION_SOP_CLASS  # the classes of the node's outputs are their builders'
 # Every class the node's outputs can have: proposed on every association, so that a lingering one
 # serves the next job's results whatever kinds they are.
 OUTPUT_SOP_CLASSES = frozenset({SC_SOP_CLASS, SR_SOP_CLASS, SEG_SOP_CLASS})

@@ -1,11 +1,10 @@
-"""The models in a process of their own.
+"""The models of a worker in a process of their own, on ``[worker] device``.
 
-The node's other threads (the C-STORE server, the worker's output writing, the sender) are Python and hold
-the GIL most of the time; pynetdicom even polls. A PyTorch forward pass in the same process waits for the
-GIL between operators, and was measured ten times slower while a Python thread was busy. So the models run
-in a child process with ``inference_threads`` intra-op threads (default: all cores but one, which is left to
-the node's Python work), and the worker overlaps writing one batch's outputs with the next batch's
-inference.
+The worker's own work (decoding, outputs, database) is Python and holds the GIL most of the time. A PyTorch
+forward pass in the same process waits for the GIL between operators, and was measured ten times slower
+while a Python thread was busy. So the models run in a child process with ``[worker] inference_threads``
+intra-op threads (:meth:`node.config.WorkerConfig.threads`: by default the cores but one, shared among the
+worker processes), and the worker overlaps writing one batch's outputs with the next batch's inference.
 
 Protocol over one pipe: the parent sends ``(request_id, {model: input batch as a numpy array})``; the child
 answers ``(request_id, [per image: {model: RawOutput} | ChildError])``. A batch that fails as a whole is run
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import pickle
 import signal
 from dataclasses import dataclass
@@ -37,7 +35,6 @@ __all__ = [
     "InferenceProcess",
     "ModelError",
     "ModelStartError",
-    "default_threads",
     "resolve_device",
 ]
 
@@ -45,11 +42,6 @@ log = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 600.0  # importing torch and loading three checkpoints; generous for slow disks
 _POLL_S = 0.5
-
-
-def default_threads() -> int:
-    """All cores but one (at least one): the node's Python threads get the remaining core."""
-    return max(1, (os.cpu_count() or 2) - 1)
 
 
 @dataclass(frozen=True)
@@ -179,10 +171,10 @@ def _run_batch(analyzer: Any, inputs: dict[str, np.ndarray], log_child: logging.
 class InferenceProcess:
     """The parent's handle on the model process: start, run a batch, stop. One caller thread at a time."""
 
-    def __init__(self, core: CoreConfig, threads: int = 0, device: str = "auto", slot: int = 0) -> None:
+    def __init__(self, core: CoreConfig, threads: int, device: str = "auto", slot: int = 0) -> None:
         self.core = core
         self.slot = slot
-        self.threads = threads if threads > 0 else default_threads()
+        self.threads = max(1, threads)  # torch's intra-op threads ([worker] inference_threads, resolved)
         self.device = device  # as configured until the child says which it took
         self.models: list[LoadedModelInfo] = []
         self._ctx = mp.get_context("spawn")  # never fork a process that has threads and torch state

@@ -1,23 +1,21 @@
 """Recording an analysed job: what the database must say before its outputs are built (their Instance
 Numbers, the SR they supersede), writing them to the spool, and committing results, outputs and the send
-in one transaction. Also the node's device UID, generated once per installation.
+in one transaction.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 from pydicom.dataset import Dataset
 from sqlalchemy import func, or_, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gradcam.results import AnalysisResult
 from node.config import Destination
-from node.db import Instance, Job, JobStatus, Output, Result, Setting, utcnow
+from node.db import Instance, Job, JobStatus, Output, Result, utcnow
 from node.outputs import Built, Planned
 from node.outputs.encoding import file_bytes
 from node.receive.spool import output_path, write_atomic
@@ -26,14 +24,11 @@ from node.send.outbox import create_send
 __all__ = [
     "PermanentError",
     "LostLease",
-    "device_uid",
     "predecessor_of",
     "instance_numbers",
     "write_outputs",
     "record_done",
 ]
-
-_DEVICE_UID = "device_uid"
 
 
 class PermanentError(Exception):
@@ -43,25 +38,6 @@ class PermanentError(Exception):
 class LostLease(Exception):
     """The job is no longer this worker's: its lease ran out and another worker took it over (which makes
     the same outputs, with the same UIDs), or an operator changed it meanwhile."""
-
-
-def device_uid(factory: sessionmaker[Session], configured: str = "") -> str:
-    """The node's device UID: ``[node] device_uid`` if set, else the one generated at the first start of
-    this installation and kept in the database (every process of the node shares it)."""
-    if configured:
-        return configured
-    for _ in range(2):
-        with factory.begin() as s:
-            row = s.get(Setting, _DEVICE_UID)
-            if row is not None:
-                return row.value
-        try:
-            with factory.begin() as s:
-                s.add(Setting(name=_DEVICE_UID, value=f"2.25.{uuid.uuid4().int}"))
-        except IntegrityError:
-            continue  # another process made it first: read theirs
-    with factory() as s:
-        return s.get_one(Setting, _DEVICE_UID).value
 
 
 def predecessor_of(session: Session, job_id: int, content_key: str) -> Dataset | None:

@@ -21,6 +21,7 @@ from gradcam.analysis import RawOutput, assemble
 from gradcam.preprocess import load_dataset_image
 from node.config import Settings
 from node.db import LeaseKeeper, holder_id, utcnow
+from node.db.device import device_uid
 from node.db.doorbell import JOBS, Listener
 from node.outputs import OutputContext, build_outputs, plan_outputs
 from node.outputs.encoding import file_bytes
@@ -29,7 +30,6 @@ from node.work.batch import Batch, collect, prepare, submit
 from node.work.claim import claim_jobs, next_job_due
 from node.work.finish import Finisher
 from node.work.inference import InferenceProcess
-from node.work.results import device_uid
 from node.work.warmup import warm_up_source
 
 __all__ = ["Worker"]

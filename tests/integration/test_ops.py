@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import helpers
 import pytest
-from helpers import RunningNode, dcmtk, run_tool, wait_until
+from helpers import RunningNode, StoreScp, dcmtk, run_tool, wait_until
 from sqlalchemy import func, select, update
 
 from node.cli import build_parser
@@ -91,48 +90,6 @@ def _outputs(node: RunningNode, job_id: int) -> list[Output]:
 def _operations(node: RunningNode, command: str) -> list[Operation]:
     with node.sessions()() as s:
         return list(s.scalars(select(Operation).where(Operation.command == command).order_by(Operation.id)))
-
-
-class StoreScp:
-    """DCMTK storescp writing what it receives into a folder."""
-
-    def __init__(self, directory: Path, port: int) -> None:
-        self.dir, self.port = directory, port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir.parent / "storescp.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [dcmtk("storescp"), "-aet", "PACS", "-od", self.dir, "+uf", "-fe", ".dcm", str(self.port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        wait_until("storescp to listen", self._listening, 20)
-
-    def _listening(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def received(self) -> set[str]:
-        import pydicom
-
-        uids = set()
-        for path in self.dir.glob("*.dcm"):
-            try:
-                uids.add(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
-            except Exception:  # noqa: BLE001 - still being written; the next poll reads it
-                pass
-        return uids
 
 
 @pytest.fixture
@@ -222,7 +179,7 @@ def test_resend_failed_delivers_once_the_destination_is_up(
     failed = wait_until("the send to fail", lambda: (row := send()).status is SendStatus.FAILED and row, 60)
     assert failed.attempts == 1 and "cannot connect" in failed.last_error
 
-    pacs = StoreScp(tmp_path / "pacs", port)
+    pacs = StoreScp(tmp_path / "pacs", port=port)
     pacs.start()
     try:
         asked = _cli(node, "resend", "--failed")
@@ -237,7 +194,7 @@ def test_resend_failed_delivers_once_the_destination_is_up(
         sent = wait_until("the send", lambda: (row := send()).status is SendStatus.SENT and row, 60)
         assert time.monotonic() - t0 < PICKUP_S + 10
         made = {o.sop_instance_uid for o in _outputs(node, job.id)}
-        wait_until("the files at the destination", lambda: pacs.received() == made, 30)
+        wait_until("the files at the destination", lambda: set(pacs.received()) == made, 30)
     finally:
         pacs.stop()
     assert sent.attempts == 1 and sent.sent_at is not None

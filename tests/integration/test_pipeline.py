@@ -7,7 +7,6 @@ the destination received is checked with dciodvfy; the SR also with dsrdump and 
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from helpers import RunningNode, dcmtk, run_tool, wait_until
+from helpers import RunningNode, StoreScp, dcmtk, run_tool, wait_until
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless
@@ -39,70 +38,6 @@ CLASS_OF_KIND = {"summary": SC_CLASS, "sc": SC_CLASS, "heatmap": SEG_CLASS, "sr"
 # negative_maps on: every model has a map whatever its decision, so each input gets every kind
 KINDS_PER_INPUT = sorted(["summary", "sr", *["sc"] * len(MODELS), *["heatmap"] * len(MODELS)])
 RESULT_TIMEOUT_S = 240  # three CPU models on a shared 2-core machine
-
-
-class StoreScp:
-    """DCMTK storescp in its own folder: unique file names, so every delivery is a separate file."""
-
-    def __init__(self, directory: Path, ae_title: str = "PACS", port: int | None = None) -> None:
-        self.dir = directory
-        self.ae_title = ae_title
-        self.port = port or helpers.free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._seen: dict[Path, tuple[str, str]] = {}
-
-    def start(self) -> None:
-        (self.dir / "in").mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "storescp.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    dcmtk("storescp"),
-                    "-aet",
-                    self.ae_title,
-                    "-od",
-                    self.dir / "in",
-                    "+xa",
-                    "+uf",
-                    "-fe",
-                    ".dcm",
-                    str(self.port),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        wait_until("storescp to listen", self._listening, 20)
-
-    def _listening(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            pytest.fail(f"storescp exited with {self.proc.returncode}: {self.log()}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def log(self) -> str:
-        return (self.dir / "storescp.log").read_text(errors="replace")
-
-    def received(self) -> dict[str, list[Path]]:
-        """SOP Instance UID -> files received with it (complete files only: storescp writes then closes)."""
-        out: dict[str, list[Path]] = {}
-        for path in sorted((self.dir / "in").glob("*.dcm")):
-            if path not in self._seen:
-                try:
-                    ds = pydicom.dcmread(path, stop_before_pixels=True)
-                except Exception:  # noqa: BLE001 - still being written; read again next poll
-                    continue
-                self._seen[path] = (str(ds.SOPInstanceUID), str(ds.SOPClassUID))
-            out.setdefault(self._seen[path][0], []).append(path)
-        return out
 
 
 def _storescu_profile(files: list[Path], path: Path) -> Path:

@@ -8,8 +8,9 @@ from pathlib import Path
 from pydicom.uid import UID
 
 from node.db import Instance, Job, JobStatus, Output, create_schema, make_engine, session_factory
+from node.db.device import device_uid
 from node.outputs import Planned
-from node.work.results import device_uid, instance_numbers, predecessor_of
+from node.work.results import instance_numbers, predecessor_of
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
