@@ -17,7 +17,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.tables import Job, JobStatus, Send
+from node.db.tables import Job, JobStatus
 
 __all__ = ["JOBS", "SENDS", "install_rings", "ring", "Listener"]
 
@@ -35,19 +35,18 @@ def ring(session: Session, channel: str) -> None:
         session.execute(text(f"NOTIFY {channel}"))
 
 
-def _ring_new_work(session: Session, _flush_context: Any) -> None:
+def _ring_new_jobs(session: Session, _flush_context: Any) -> None:
     if any(isinstance(o, Job) and o.status == JobStatus.QUEUED for o in session.new):
         ring(session, JOBS)
-    if any(isinstance(o, Send) for o in session.new):
-        ring(session, SENDS)
 
 
 def install_rings(factory: sessionmaker[Session]) -> None:
-    """Every session of ``factory`` rings :data:`JOBS` when it adds a queued job and :data:`SENDS` when it
-    adds a send (PostgreSQL only)."""
+    """Every session of ``factory`` rings :data:`JOBS` when it adds a queued job as an ORM object
+    (PostgreSQL only). The paths that insert rows with plain statements, for every instance and every
+    job, ring themselves: the receiving store, and :func:`node.send.outbox.create_send` for sends."""
     bind = factory.kw.get("bind")
     if bind is not None and bind.dialect.name == "postgresql":
-        event.listen(factory, "after_flush", _ring_new_work)
+        event.listen(factory, "after_flush", _ring_new_jobs)
 
 
 class Listener:

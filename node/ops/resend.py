@@ -106,9 +106,8 @@ def _resend_job(
             )
         targets = [s for s in job.sends if s.destination == dest.name]
         if not targets:
-            send = create_send(session, job.id, dest, now)
-            session.flush()
-            return [(f"job {job.id} -> {_where(dest)}: send {send.id} queued (new)", True)]
+            send_id = create_send(session, job.id, dest, now)
+            return [(f"job {job.id} -> {_where(dest)}: send {send_id} queued (new)", True)]
     dests = []
     for send in targets:  # every destination checked before any send changes: all of the job or nothing
         try:

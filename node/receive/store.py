@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from gradcam.errors import GradcamError
 from node.db import Association, AssociationStatus, Instance, Job, JobStatus, utcnow
+from node.db.doorbell import JOBS, ring
 from node.queue import JobSignal
 from node.receive.spool import free_bytes, instance_path, write_atomic
 
@@ -82,6 +83,26 @@ class StoreResult:
     path: Path
     job_id: int | None = None
     job_status: JobStatus | None = None
+
+
+# Statements that run for every instance received, built once (SQLAlchemy then finds their compiled form
+# without walking a new statement each time).
+_KNOWN_INSTANCE = select(Instance.id, Instance.path).where(Instance.sop_instance_uid == bindparam("uid"))
+_RECEIVED_AGAIN = (
+    update(Instance)
+    .where(Instance.id == bindparam("instance_id"))
+    .values(times_received=Instance.times_received + 1)
+)
+_INSERT_INSTANCE = insert(Instance.__table__)
+_INSERT_JOB = insert(Job.__table__)
+_BUMP_ASSOCIATION = (
+    update(Association)
+    .where(Association.id == bindparam("association_id"))
+    .values(
+        n_received=Association.n_received + bindparam("received"),
+        n_failed=Association.n_failed + bindparam("failed"),
+    )
+)
 
 
 class InstanceStore:
@@ -183,18 +204,10 @@ class InstanceStore:
             with self.sessions.begin() as s:
                 # select then update (no UPDATE ... RETURNING: not every backend has it); the increment
                 # itself is done by the database, so concurrent duplicates are all counted.
-                row = s.execute(
-                    select(Instance.id, Instance.path).where(
-                        Instance.sop_instance_uid == rec.sop_instance_uid
-                    )
-                ).first()
+                row = s.execute(_KNOWN_INSTANCE, {"uid": rec.sop_instance_uid}).first()
                 if row is None:
                     return None
-                s.execute(
-                    update(Instance)
-                    .where(Instance.id == row[0])
-                    .values(times_received=Instance.times_received + 1)
-                )
+                s.execute(_RECEIVED_AGAIN, {"instance_id": row[0]})
                 _bump_association(s, rec.association_id, received=1)
                 return int(row[0]), str(row[1])
         except SQLAlchemyError as exc:
@@ -252,47 +265,43 @@ class InstanceStore:
     def _record(self, rec: Received, path: Path, size: int) -> StoreResult:
         now = utcnow()
         status = JobStatus.QUEUED if rec.analysable else JobStatus.SKIPPED
+        instance = {
+            "sop_instance_uid": rec.sop_instance_uid,
+            "sop_class_uid": rec.sop_class_uid,
+            "study_instance_uid": rec.study_instance_uid,
+            "series_instance_uid": rec.series_instance_uid,
+            "patient_id": rec.patient_id,
+            "modality": rec.modality,
+            "transfer_syntax": rec.transfer_syntax,
+            "path": str(path),
+            "size_bytes": size,
+            "association_id": rec.association_id,
+            "calling_ae": rec.calling_ae,
+            "received_at": now,
+            "times_received": 1,
+        }
         with self.sessions.begin() as s:
-            inst = Instance(
-                sop_instance_uid=rec.sop_instance_uid,
-                sop_class_uid=rec.sop_class_uid,
-                study_instance_uid=rec.study_instance_uid,
-                series_instance_uid=rec.series_instance_uid,
-                patient_id=rec.patient_id,
-                modality=rec.modality,
-                transfer_syntax=rec.transfer_syntax,
-                path=str(path),
-                size_bytes=size,
-                association_id=rec.association_id,
-                calling_ae=rec.calling_ae,
-                received_at=now,
-                times_received=1,
-            )
-            s.add(inst)
-            s.flush()
-            job = Job(
-                instance_id=inst.id,
-                status=status,
-                reason=None if rec.analysable else rec.skip_reason,
-                attempts=0,
-                reply_ae=rec.calling_ae,
-                created_at=now,
-                finished_at=None if rec.analysable else now,
-            )
-            s.add(job)
+            (instance_id,) = s.execute(_INSERT_INSTANCE, instance).inserted_primary_key
+            job = {
+                "instance_id": instance_id,
+                "status": status,
+                "reason": None if rec.analysable else rec.skip_reason,
+                "attempts": 0,
+                "reply_ae": rec.calling_ae,
+                "created_at": now,
+                "finished_at": None if rec.analysable else now,
+            }
+            (job_id,) = s.execute(_INSERT_JOB, job).inserted_primary_key
             _bump_association(s, rec.association_id, received=1)
-            s.flush()
-            return StoreResult(StoreOutcome.STORED, inst.id, path, job.id, status)
+            if status is JobStatus.QUEUED:
+                ring(s, JOBS)  # workers on other machines (PostgreSQL)
+            return StoreResult(StoreOutcome.STORED, instance_id, path, job_id, status)
 
 
 def _bump_association(s: object, association_id: int | None, received: int = 0, failed: int = 0) -> None:
     if association_id is None:
         return
-    s.execute(  # type: ignore[attr-defined]
-        update(Association)
-        .where(Association.id == association_id)
-        .values(n_received=Association.n_received + received, n_failed=Association.n_failed + failed)
-    )
+    s.execute(_BUMP_ASSOCIATION, {"association_id": association_id, "received": received, "failed": failed})  # type: ignore[attr-defined]
 
 
 class AssociationLog:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import Instance, Job, JobStatus, holder_id, utcnow
@@ -36,7 +36,7 @@ class ClaimedJob:
     started_at: datetime
 
 
-def _claimable(now: datetime):  # noqa: ANN202 - an SQLAlchemy boolean clause
+def _claimable(now: object):  # noqa: ANN202 - an SQLAlchemy boolean clause
     due = (Job.status == JobStatus.QUEUED) & or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now)
     # held by a worker that vanished (rows without a lease, from before leases, are recover()'s)
     orphaned = (Job.status == JobStatus.RUNNING) & (Job.lease_until < now)
@@ -49,6 +49,42 @@ def _died_reason(attempts: int, earlier: str | None) -> str:
     return (
         f"worker died {attempts} times while analysing it (killed, out of memory, crashed?): not tried again"
     )
+
+
+# claim_jobs' statements, built once: they run for every batch
+_CLAIMABLE = (
+    select(Job.id, Job.attempts, Job.reason, Job.reply_ae, Instance.sop_instance_uid, Instance.path)
+    .join(Instance, Instance.id == Job.instance_id)
+    .where(_claimable(bindparam("now")))
+    .order_by(Job.id)
+    .limit(bindparam("limit"))
+    .with_for_update(of=Job, skip_locked=True)
+)
+_DIED = (
+    update(Job)
+    .where(Job.id == bindparam("job_id"))
+    .values(
+        status=JobStatus.FAILED,
+        reason=bindparam("why"),
+        finished_at=bindparam("now"),
+        next_attempt_at=None,
+        leased_by=None,
+        lease_until=None,
+    )
+    .execution_options(synchronize_session=False)
+)
+_CLAIM = (
+    update(Job)
+    .where(Job.id == bindparam("job_id"))
+    .values(
+        status=JobStatus.RUNNING,
+        started_at=bindparam("now"),
+        attempts=bindparam("attempt"),
+        leased_by=bindparam("holder"),
+        lease_until=bindparam("until"),
+    )
+    .execution_options(synchronize_session=False)
+)
 
 
 def claim_jobs(
@@ -67,46 +103,15 @@ def claim_jobs(
     returned.
     """
     now = now or utcnow()
-    holder = holder or holder_id()
-    until = now + timedelta(seconds=lease_s)
+    lease = {"holder": holder or holder_id(), "until": now + timedelta(seconds=lease_s), "now": now}
     claimed: list[ClaimedJob] = []
     with factory.begin() as s:
-        rows = s.execute(
-            select(Job.id, Job.attempts, Job.reason, Job.reply_ae, Instance.sop_instance_uid, Instance.path)
-            .join(Instance, Instance.id == Job.instance_id)
-            .where(_claimable(now))
-            .order_by(Job.id)
-            .limit(limit)
-            .with_for_update(of=Job, skip_locked=True)
-        ).all()
+        rows = s.execute(_CLAIMABLE, {"now": now, "limit": limit}).all()
         for job_id, attempts, reason, reply_ae, uid, path in rows:
             if attempts >= max_attempts:
-                s.execute(
-                    update(Job)
-                    .where(Job.id == job_id)
-                    .values(
-                        status=JobStatus.FAILED,
-                        reason=_died_reason(attempts, reason),
-                        finished_at=now,
-                        next_attempt_at=None,
-                        leased_by=None,
-                        lease_until=None,
-                    )
-                    .execution_options(synchronize_session=False)
-                )
+                s.execute(_DIED, {"job_id": job_id, "why": _died_reason(attempts, reason), "now": now})
                 continue
-            s.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(
-                    status=JobStatus.RUNNING,
-                    started_at=now,
-                    attempts=attempts + 1,
-                    leased_by=holder,
-                    lease_until=until,
-                )
-                .execution_options(synchronize_session=False)
-            )
+            s.execute(_CLAIM, {"job_id": job_id, "attempt": attempts + 1, **lease})
             claimed.append(ClaimedJob(job_id, attempts + 1, reply_ae, uid, Path(path), now))
     return claimed
 

@@ -1,6 +1,10 @@
 """Recording an analysed job: what the database must say before its outputs are built (their Instance
 Numbers, the SR they supersede), writing them to the spool, and committing results, outputs and the send
 in one transaction.
+
+These run for every job: their statements are built once, below, and executed with parameters (SQLAlchemy
+finds their compiled form without walking a new statement each time), and rows are inserted as plain rows,
+not ORM objects.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from pydicom.dataset import Dataset
-from sqlalchemy import func, or_, select
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gradcam.results import AnalysisResult
@@ -40,6 +44,27 @@ class LostLease(Exception):
     the same outputs, with the same UIDs), or an operator changed it meanwhile."""
 
 
+_JOB_ID = bindparam("job_id")
+
+_INSTANCE_OF_JOB = select(Job.instance_id).where(Job.id == _JOB_ID)
+_PREDECESSOR = (
+    select(
+        Output.series_instance_uid, Output.sop_class_uid, Output.sop_instance_uid, Instance.study_instance_uid
+    )
+    .join(Job, Job.id == Output.job_id)
+    .join(Instance, Instance.id == Job.instance_id)
+    .where(
+        Job.instance_id == bindparam("instance_id"),
+        Job.id < _JOB_ID,
+        Job.status == JobStatus.DONE,
+        or_(Job.content_key.is_(None), Job.content_key != bindparam("content_key")),
+        Output.kind == "sr",
+    )
+    .order_by(Job.id.desc(), Output.id.desc())
+    .limit(1)
+)
+
+
 def predecessor_of(session: Session, job_id: int, content_key: str) -> Dataset | None:
     """The header of the SR that job ``job_id``'s SR supersedes, or None.
 
@@ -47,30 +72,30 @@ def predecessor_of(session: Session, job_id: int, content_key: str) -> Dataset |
     configuration: a re-analysis with an unchanged configuration names the same predecessor again, so
     its SR keeps the same content and UID.
     """
-    instance_id = session.scalar(select(Job.instance_id).where(Job.id == job_id))
+    instance_id = session.scalar(_INSTANCE_OF_JOB, {"job_id": job_id})
     row = session.execute(
-        select(Output, Instance.study_instance_uid)
-        .join(Job, Job.id == Output.job_id)
-        .join(Instance, Instance.id == Job.instance_id)
-        .where(
-            Job.instance_id == instance_id,
-            Job.id < job_id,
-            Job.status == JobStatus.DONE,
-            or_(Job.content_key.is_(None), Job.content_key != content_key),
-            Output.kind == "sr",
-        )
-        .order_by(Job.id.desc(), Output.id.desc())
-        .limit(1)
+        _PREDECESSOR, {"instance_id": instance_id, "job_id": job_id, "content_key": content_key}
     ).first()
     if row is None:
         return None
-    output, study_uid = row
     header = Dataset()
-    header.StudyInstanceUID = study_uid
-    header.SeriesInstanceUID = output.series_instance_uid
-    header.SOPClassUID = output.sop_class_uid
-    header.SOPInstanceUID = output.sop_instance_uid
+    header.StudyInstanceUID = row.study_instance_uid
+    header.SeriesInstanceUID = row.series_instance_uid
+    header.SOPClassUID = row.sop_class_uid
+    header.SOPInstanceUID = row.sop_instance_uid
     return header
+
+
+_KNOWN_NUMBERS = (
+    select(Output.sop_instance_uid, func.max(Output.instance_number))
+    .where(Output.sop_instance_uid.in_(bindparam("uids", expanding=True)))
+    .group_by(Output.sop_instance_uid)
+)
+_TOP_NUMBERS = (
+    select(Output.series_instance_uid, func.max(Output.instance_number))
+    .where(Output.series_instance_uid.in_(bindparam("series", expanding=True)))
+    .group_by(Output.series_instance_uid)
+)
 
 
 def instance_numbers(session: Session, planned: Iterable[Planned]) -> dict[str, int]:
@@ -80,20 +105,8 @@ def instance_numbers(session: Session, planned: Iterable[Planned]) -> dict[str, 
     Two queries whatever the number of outputs: the known numbers of these UIDs, the highest per series.
     """
     planned = list(planned)
-    known = dict(
-        session.execute(
-            select(Output.sop_instance_uid, func.max(Output.instance_number))
-            .where(Output.sop_instance_uid.in_([p.sop_uid for p in planned]))
-            .group_by(Output.sop_instance_uid)
-        ).all()
-    )
-    top = dict(
-        session.execute(
-            select(Output.series_instance_uid, func.max(Output.instance_number))
-            .where(Output.series_instance_uid.in_({p.series_uid for p in planned}))
-            .group_by(Output.series_instance_uid)
-        ).all()
-    )
+    known = dict(session.execute(_KNOWN_NUMBERS, {"uids": [p.sop_uid for p in planned]}).all())
+    top = dict(session.execute(_TOP_NUMBERS, {"series": sorted({p.series_uid for p in planned})}).all())
     numbers: dict[str, int] = {}
     for p in planned:
         if known.get(p.sop_uid) is not None:
@@ -104,9 +117,9 @@ def instance_numbers(session: Session, planned: Iterable[Planned]) -> dict[str, 
     return numbers
 
 
-def write_outputs(storage_dir: object, source_uid: str, built: Iterable[Built]) -> list[Output]:
-    """Write each output atomically under the spool; the Output rows, not yet added to a session."""
-    rows = []
+def write_outputs(storage_dir: object, source_uid: str, built: Iterable[Built]) -> list[dict[str, object]]:
+    """Write each output atomically under the spool; their rows of the ``outputs`` table, without the job."""
+    rows: list[dict[str, object]] = []
     for b in built:
         ds = b.dataset
         try:
@@ -115,17 +128,17 @@ def write_outputs(storage_dir: object, source_uid: str, built: Iterable[Built]) 
             raise PermanentError(str(exc)) from exc
         write_atomic(path, file_bytes(ds))
         rows.append(
-            Output(
-                kind=b.kind,
-                model=b.model,
-                sop_class_uid=str(ds.SOPClassUID),
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                series_instance_uid=str(ds.SeriesInstanceUID),
-                instance_number=int(ds.InstanceNumber),
-                supersedes=b.supersedes,
-                path=str(path),
-                created_at=utcnow(),
-            )
+            {
+                "kind": b.kind,
+                "model": b.model,
+                "sop_class_uid": str(ds.SOPClassUID),
+                "sop_instance_uid": str(ds.SOPInstanceUID),
+                "series_instance_uid": str(ds.SeriesInstanceUID),
+                "instance_number": int(ds.InstanceNumber),
+                "supersedes": b.supersedes,
+                "path": str(path),
+                "created_at": utcnow(),
+            }
         )
     return rows
 
@@ -137,10 +150,30 @@ class Done:
     job_id: int
     analysis: AnalysisResult
     content_key: str
-    outputs: list[Output]
+    outputs: list[dict[str, object]]  # rows of the outputs table (write_outputs), without the job
     destination: Destination | None
     duration_ms: float
     holder: str  # the worker process that holds the job's lease (node.db.leases.holder_id)
+
+
+_LOCK_JOB = select(Job.status, Job.leased_by).where(Job.id == _JOB_ID).with_for_update()
+_INSERT_RESULTS = insert(Result.__table__)
+_INSERT_OUTPUTS = insert(Output.__table__)
+_DONE = (
+    update(Job.__table__)
+    .where(Job.id == _JOB_ID)
+    .values(
+        status=JobStatus.DONE,
+        reason=bindparam("why"),
+        consensus=bindparam("consensus"),
+        content_key=bindparam("key"),
+        finished_at=bindparam("now"),
+        next_attempt_at=None,
+        duration_ms=bindparam("ms"),
+        leased_by=None,
+        lease_until=None,
+    )
+)
 
 
 def record_done(factory: sessionmaker[Session], done: Done, now: datetime | None = None) -> None:
@@ -148,38 +181,41 @@ def record_done(factory: sessionmaker[Session], done: Done, now: datetime | None
     transaction, ending the worker's lease; :class:`LostLease` if the job is no longer this worker's."""
     now = now or utcnow()
     with factory.begin() as s:
-        row = s.get(Job, done.job_id, with_for_update=True)
+        row = s.execute(_LOCK_JOB, {"job_id": done.job_id}).first()
         if row is None or row.status != JobStatus.RUNNING or row.leased_by != done.holder:
             holder = "nobody" if row is None else (row.leased_by or "nobody")
             state = "gone" if row is None else row.status
             raise LostLease(f"job {done.job_id} is no longer this worker's ({state}, held by {holder})")
-        for r in done.analysis.models.values():
-            s.add(
-                Result(
-                    job_id=done.job_id,
-                    model=r.model,
-                    builder=r.builder,
-                    probability=float(r.probability),
-                    threshold=float(r.threshold),
-                    positive=bool(r.positive),
-                    cam_peak_row=int(r.cam_peak[0]),
-                    cam_peak_col=int(r.cam_peak[1]),
-                    checkpoint_sha256=r.checkpoint_sha256,
-                    ms=float(r.ms),
-                    created_at=now,
-                )
-            )
-        for o in done.outputs:
-            o.job_id = done.job_id
-            s.add(o)
+        results = [
+            {
+                "job_id": done.job_id,
+                "model": r.model,
+                "builder": r.builder,
+                "probability": float(r.probability),
+                "threshold": float(r.threshold),
+                "positive": bool(r.positive),
+                "cam_peak_row": int(r.cam_peak[0]),
+                "cam_peak_col": int(r.cam_peak[1]),
+                "checkpoint_sha256": r.checkpoint_sha256,
+                "ms": float(r.ms),
+                "created_at": now,
+            }
+            for r in done.analysis.models.values()
+        ]
+        if results:
+            s.execute(_INSERT_RESULTS, results)
+        if done.outputs:
+            s.execute(_INSERT_OUTPUTS, [{**o, "job_id": done.job_id} for o in done.outputs])
         if done.destination is not None:
             create_send(s, done.job_id, done.destination, now)
-        row.status = JobStatus.DONE
-        row.reason = None if done.destination is not None else "no destination configured"
-        row.consensus = bool(done.analysis.consensus)
-        row.content_key = done.content_key
-        row.finished_at = now
-        row.next_attempt_at = None
-        row.duration_ms = done.duration_ms
-        row.leased_by = None
-        row.lease_until = None
+        s.execute(
+            _DONE,
+            {
+                "job_id": done.job_id,
+                "why": None if done.destination is not None else "no destination configured",
+                "consensus": bool(done.analysis.consensus),
+                "key": done.content_key,
+                "now": now,
+                "ms": done.duration_ms,
+            },
+        )

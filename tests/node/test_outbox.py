@@ -108,11 +108,11 @@ def _job(
 def _send(factory: sessionmaker[Session], port: int = 104, **send_kw: object) -> int:
     job_id = _job(factory, JobStatus.DONE)
     with factory.begin() as s:
-        send = create_send(s, job_id, Destination("pacs", "PACS", "127.0.0.1", port))
+        send_id = create_send(s, job_id, Destination("pacs", "PACS", "127.0.0.1", port))
+        send = s.get(Send, send_id)
         for k, v in send_kw.items():
             setattr(send, k, v)
-        s.flush()
-        return send.id
+        return send_id
 
 
 def test_backoff_doubles_from_initial_and_is_capped() -> None:
