@@ -78,6 +78,7 @@ def encode(elem: DataElement, encodings: Encodings = DEFAULT_ENCODINGS) -> bytes
 # through pydicom; the identity tests compare the results with pydicom's encoding byte for byte.
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})  # the default repertoire
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC"})  # written in the character set
+_BYTES_VRS = frozenset({"OB", "OW", "UN"})  # written as they are (pixel data, file meta version)
 _SHORT_HEADER = struct.Struct("<HH2sH")
 _LONG_HEADER = struct.Struct("<HH2s2xI")
 
@@ -89,8 +90,9 @@ def _header(tag: int, vr: str, length: int) -> bytes:
 
 
 def _simple_value(vr: str, value: object, encodings: Encodings) -> bytes | None:
-    """``value``'s bytes as pydicom writes them, for a single string, US or FD value; else None."""
-    if type(value) is str and "\\" not in value:
+    """``value``'s bytes as pydicom writes them, for a single string, US, UL or FD value or even-length
+    bytes; else None."""
+    if isinstance(value, str) and "\\" not in value:  # str, or pydicom's UID
         if vr in _ASCII_VRS:
             data = value.encode(default_encoding)
         elif vr in _TEXT_VRS:
@@ -100,6 +102,10 @@ def _simple_value(vr: str, value: object, encodings: Encodings) -> bytes | None:
         return data + (b"\x00" if vr == "UI" else b" ") if len(data) % 2 else data
     if vr == "US" and type(value) is int:
         return _US.pack(value)
+    if vr == "UL" and type(value) is int:
+        return _LENGTH.pack(value)
+    if vr in _BYTES_VRS and type(value) is bytes and len(value) % 2 == 0:
+        return value
     if vr == "FD" and isinstance(value, float):
         return _FD.pack(value)
     return None
@@ -201,18 +207,34 @@ def assemble(
     return ds
 
 
+_META_TAGS = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
+
+
+def _meta_bytes(meta: FileMetaDataset) -> bytes:
+    """The File Meta Information as ``write_file_meta_info(..., enforce_standard=True)`` writes it; for the
+    meta that :func:`assemble` makes (any other goes through pydicom)."""
+    if sorted(int(t) for t in meta.keys() if t != 0x00020000) == list(_META_TAGS):
+        parts = []
+        for tag in _META_TAGS:
+            elem = meta[tag]
+            parts.append(element(tag, elem.VR, elem.value))
+        body = b"".join(parts)
+        return _header(0x00020000, "UL", 4) + _LENGTH.pack(len(body)) + body
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    return fp.getvalue()
+
+
 def file_bytes(ds: Dataset) -> bytes:
     """``ds`` as the file ``ds.save_as(fp, enforce_file_format=True)`` writes, for an output made by
     :func:`assemble`: its raw elements go out as they are, with no pass through pydicom's writer (about
     10 ms an image saved); an element changed or read since (no longer raw) is encoded by pydicom. What is
     written is always the dataset as it is now. tests/node/test_outputs.py compares both byte for byte.
     """
-    meta = DicomBytesIO()
-    meta.is_little_endian, meta.is_implicit_VR = True, False
-    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
-    parts = [ds.preamble or b"\x00" * 128, b"DICM", meta.getvalue()]
+    parts = [ds.preamble or b"\x00" * 128, b"DICM", _meta_bytes(ds.file_meta)]
     encodings: Encodings | None = None
-    for tag in sorted(ds.keys()):
+    for tag in sorted(ds.keys(), key=int):  # int: BaseTag compares in Python
         elem = ds.get_item(tag)
         if isinstance(elem, RawDataElement) and not elem.is_implicit_VR and elem.is_little_endian:
             value = elem.value or b""
@@ -221,5 +243,10 @@ def file_bytes(ds: Dataset) -> bytes:
                 continue
         if encodings is None:
             encodings = encodings_of(ds)
-        parts.append(encode(ds[tag], encodings))
+        elem = ds[tag]
+        data = _simple_value(elem.VR, elem.value, encodings)
+        if data is not None and (len(data) <= 0xFFFF or elem.VR in EXPLICIT_VR_LENGTH_32):
+            parts.append(_header(int(tag), elem.VR, len(data)) + data)
+        else:
+            parts.append(encode(elem, encodings))
     return b"".join(parts)
