@@ -40,6 +40,7 @@ __all__ = [
     "sequence",
     "code_item",
     "assemble",
+    "file_parts",
     "file_bytes",
 ]
 
@@ -226,27 +227,51 @@ def _meta_bytes(meta: FileMetaDataset) -> bytes:
     return fp.getvalue()
 
 
-def file_bytes(ds: Dataset) -> bytes:
+# values at least this long are their own buffer in file_parts(): written as they are, never copied
+_OWN_BUFFER = 64 * 1024
+
+
+def file_parts(ds: Dataset) -> list[bytes]:
     """``ds`` as the file ``ds.save_as(fp, enforce_file_format=True)`` writes, for an output made by
-    :func:`assemble`: its raw elements go out as they are, with no pass through pydicom's writer (about
-    10 ms an image saved); an element changed or read since (no longer raw) is encoded by pydicom. What is
-    written is always the dataset as it is now. tests/node/test_outputs.py compares both byte for byte.
+    :func:`assemble`, in a few buffers to write one after the other: headers and small values joined, each
+    large value (the pixel data) on its own, so that writing a file copies none of its megabytes.
+
+    Its raw elements go out as they are, with no pass through pydicom's writer (about 10 ms an image saved);
+    an element changed or read since (no longer raw) is encoded again. What is written is always the
+    dataset as it is now. tests/node/test_outputs.py compares :func:`file_bytes` with ``save_as``.
     """
-    parts = [ds.preamble or b"\x00" * 128, b"DICM", _meta_bytes(ds.file_meta)]
+    parts: list[bytes] = []
+    small = [ds.preamble or b"\x00" * 128, b"DICM", _meta_bytes(ds.file_meta)]
+
+    def add(header: bytes, value: bytes) -> None:
+        small.append(header)
+        if len(value) < _OWN_BUFFER:
+            small.append(value)
+            return
+        parts.append(b"".join(small))
+        small.clear()
+        parts.append(value)
+
     encodings: Encodings | None = None
     for tag in sorted(ds.keys(), key=int):  # int: BaseTag compares in Python
         elem = ds.get_item(tag)
         if isinstance(elem, RawDataElement) and not elem.is_implicit_VR and elem.is_little_endian:
             value = elem.value or b""
             if elem.VR is not None and elem.length == len(value) and len(value) % 2 == 0:
-                parts.append(_header(int(tag), elem.VR, len(value)) + value)
+                add(_header(int(tag), elem.VR, len(value)), value)
                 continue
         if encodings is None:
             encodings = encodings_of(ds)
         elem = ds[tag]
         data = _simple_value(elem.VR, elem.value, encodings)
         if data is not None and (len(data) <= 0xFFFF or elem.VR in EXPLICIT_VR_LENGTH_32):
-            parts.append(_header(int(tag), elem.VR, len(data)) + data)
+            add(_header(int(tag), elem.VR, len(data)), data)
         else:
-            parts.append(encode(elem, encodings))
-    return b"".join(parts)
+            small.append(encode(elem, encodings))
+    parts.append(b"".join(small))
+    return parts
+
+
+def file_bytes(ds: Dataset) -> bytes:
+    """:func:`file_parts` joined: the whole file in one ``bytes``."""
+    return b"".join(file_parts(ds))

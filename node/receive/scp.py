@@ -54,6 +54,7 @@ from sqlalchemy.orm import sessionmaker
 from gradcam.eligibility import DEFAULT_MIN_SIDE
 from node.config import NodeConfig
 from node.db import AssociationStatus, utcnow
+from node.dicom_net import configure_pynetdicom
 from node.queue import JobSignal
 from node.receive.spool import valid_uid
 from node.receive.store import (
@@ -362,6 +363,7 @@ def make_handlers(ctx: ScpContext) -> list[tuple[Any, Any, list[Any]]]:
 def build_ae(node: NodeConfig) -> AE:
     """The AE: every storage SOP class plus Verification, with the transfer syntaxes above; associations
     must call ``node.ae_title`` and, when ``allowed_calling_aets`` is set, come from one of those."""
+    configure_pynetdicom()
     ae = AE(ae_title=node.ae_title)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))

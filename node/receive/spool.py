@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 from gradcam.eligibility import UID_RE, valid_uid
@@ -73,23 +74,26 @@ def _make_dirs(path: Path) -> None:
         _fsync_dir(d.parent)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` durably and atomically, replacing any file there.
+def write_atomic(path: Path, data: bytes | Sequence[bytes]) -> None:
+    """Write ``data`` (bytes, or buffers written one after the other) to ``path`` durably and atomically,
+    replacing any file there.
 
     A temporary file in the same folder is written and fsynced, renamed over ``path`` with
     :func:`os.replace`, then the folder is fsynced so the rename itself survives a power cut.
     Raises :class:`OSError` (disk full, permissions...) with nothing left behind.
     """
     path = Path(path)
+    buffers = [data] if isinstance(data, bytes | bytearray | memoryview) else data
     _make_dirs(path.parent)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            for buffer in buffers:
+                view = memoryview(buffer)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
             os.fsync(fd)
         finally:
             os.close(fd)

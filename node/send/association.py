@@ -8,10 +8,11 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.association import Association
 
 from node.config import Settings
+from node.dicom_net import configure_pynetdicom
 from node.outputs.heatmap import SEGMENTATION_SOP_CLASS
 from node.outputs.sc import SC_SOP_CLASS
 from node.outputs.sr import SR_SOP_CLASS
@@ -40,12 +41,9 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 # Success, and the warnings that still mean "stored" (coercion, elements discarded, not fully validated).
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
-# Files are streamed from disk as they are (not decoded and encoded again) when the peer accepts their
-# transfer syntax; see node.send.link._send_one.
-_config.STORE_SEND_CHUNKED_DATASET = True
-
 
 def make_ae(settings: Settings) -> AE:
+    configure_pynetdicom()
     ae = AE(ae_title=settings.node.ae_title)
     ae.acse_timeout = settings.node.acse_timeout_s
     ae.dimse_timeout = settings.node.dimse_timeout_s

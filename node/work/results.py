@@ -21,7 +21,7 @@ from gradcam.results import AnalysisResult
 from node.config import Destination
 from node.db import Instance, Job, JobStatus, Output, Result, utcnow
 from node.outputs import Built, Planned
-from node.outputs.encoding import file_bytes
+from node.outputs.encoding import file_parts
 from node.receive.spool import output_path, write_atomic
 from node.send.outbox import create_send
 
@@ -126,7 +126,7 @@ def write_outputs(storage_dir: object, source_uid: str, built: Iterable[Built]) 
             path = output_path(storage_dir, source_uid, str(ds.SOPInstanceUID))  # type: ignore[arg-type]
         except ValueError as exc:
             raise PermanentError(str(exc)) from exc
-        write_atomic(path, file_bytes(ds))
+        write_atomic(path, file_parts(ds))
         rows.append(
             {
                 "kind": b.kind,

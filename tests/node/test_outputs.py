@@ -55,7 +55,7 @@ from node.outputs import (
     sr_uid,
 )
 from node.outputs.common import lo, processing_algorithm, processing_equipment
-from node.outputs.encoding import DEFAULT_ENCODINGS, element, encode, file_bytes, timestamp
+from node.outputs.encoding import DEFAULT_ENCODINGS, element, encode, file_bytes, file_parts, timestamp
 from node.outputs.region import hot_region
 from node.outputs.sc import derivation_description
 from node.outputs.sr_content import comment_text
@@ -842,18 +842,25 @@ def test_character_set_follows_the_source(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("charset", [None, "ISO_IR 100"])
 def test_file_bytes_are_what_pydicom_writes(charset: str | None) -> None:
-    """The worker writes outputs with encoding.file_bytes: byte for byte pydicom's save_as, for every
-    kind, also after an element was read or changed (no longer raw)."""
+    """The worker writes outputs with encoding.file_parts (file_bytes joins them): byte for byte pydicom's
+    save_as, for every kind, also after an element was read or changed (no longer raw); the pixel data of
+    the images (64 KiB or more) is written from its own buffer, not copied."""
     source = make_source()
     if charset:
         source.SpecificCharacterSet = charset
         source.PatientName = "MÜLLER^JÖRG"
     built = build_all(source, make_analysis(), make_context(outputs=OutputsConfig(negative_maps=True)))
     assert {b.kind for b in built} == {"summary", "sc", "heatmap", "sr"}
+    uncopied = 0
     for b in built:
         fp = io.BytesIO()
         b.dataset.save_as(fp, enforce_file_format=True)
         assert file_bytes(b.dataset) == fp.getvalue(), b.kind
+        pixels = b.dataset["PixelData"].value if "PixelData" in b.dataset else b""
+        if len(pixels) >= 64 * 1024:
+            assert any(part is pixels for part in file_parts(b.dataset)), b.kind
+            uncopied += 1
+    assert uncopied >= 1  # the summary, at least
     changed = built[0].dataset
     changed.SeriesDescription = "changed after assembly"
     fp = io.BytesIO()

@@ -91,8 +91,14 @@ def test_write_atomic_failure_leaves_old_state_and_no_temp(tmp_path: Path) -> No
 def test_write_atomic_empty_and_memoryview(tmp_path: Path) -> None:
     write_atomic(tmp_path / "e", b"")
     assert (tmp_path / "e").read_bytes() == b""
-    write_atomic(tmp_path / "m", memoryview(b"abc"))  # type: ignore[arg-type]
+    write_atomic(tmp_path / "m", memoryview(b"abc"))
     assert (tmp_path / "m").read_bytes() == b"abc"
+
+
+def test_write_atomic_buffers_one_after_the_other(tmp_path: Path) -> None:
+    big = bytes(range(256)) * 4096  # 1 MiB, more than one write() may take at once
+    write_atomic(tmp_path / "p", [b"head", big, b"", b"tail"])
+    assert (tmp_path / "p").read_bytes() == b"head" + big + b"tail"
 
 
 def test_free_bytes(tmp_path: Path) -> None:
