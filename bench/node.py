@@ -53,7 +53,7 @@ from pynetdicom.sop_class import Verification  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from gradcam.config import ModelConfig  # noqa: E402
-from gradcam.models import build_model, load_model, save_checkpoint  # noqa: E402
+from gradcam.models import build_model, load_model, place_batch, place_model, save_checkpoint  # noqa: E402
 from gradcam.phantoms import generate_dataset  # noqa: E402
 from gradcam.preprocess import load_image, to_model_input  # noqa: E402
 from node.config import load_settings  # noqa: E402
@@ -107,12 +107,16 @@ def checkpoints_for(models: tuple[ModelConfig, ...], directory: Path) -> tuple[t
 def measure_floor(
     models: tuple[ModelConfig, ...], files: list[Path], batch_size: int, max_pixels: int, repeats: int = 3
 ) -> dict[str, float]:
-    """Per-image forward time of each model at ``batch_size`` on the preprocessed inputs (seconds)."""
+    """Per-image forward time of each model at ``batch_size`` on the preprocessed inputs (seconds), in the
+    memory layout the node's models run in."""
     images = [load_image(p, max_pixels) for p in files]
     per_image: dict[str, float] = {}
     for m in models:
-        module = load_model(m).module
-        batches = [to_model_input(images[i : i + batch_size], m) for i in range(0, len(images), batch_size)]
+        module = place_model(load_model(m).module, "cpu")
+        batches = [
+            place_batch(to_model_input(images[i : i + batch_size], m), "cpu")
+            for i in range(0, len(images), batch_size)
+        ]
         with torch.inference_mode():
             for x in batches[:2]:
                 module(x)  # warm-up (allocations, lazy init)

@@ -12,7 +12,7 @@ import torch
 
 from gradcam.cam import CamEngine
 from gradcam.config import CoreConfig, ModelConfig
-from gradcam.models import LoadedModel, load_model
+from gradcam.models import LoadedModel, load_model, place_batch, place_model
 from gradcam.preprocess import SourceImage, to_model_input
 from gradcam.results import AnalysisResult, ModelResult
 
@@ -113,7 +113,7 @@ class Analyzer:
         self.device = torch.device(device)
         self.models: dict[str, LoadedModel] = {m.name: load_model(m) for m in chosen}
         for lm in self.models.values():
-            lm.module.to(self.device)  # before the CAM engines trace them
+            place_model(lm.module, self.device)  # before the CAM engines trace them
         self.engines = {name: CamEngine(lm.module, lm.cfg.target_layer) for name, lm in self.models.items()}
 
     @property
@@ -128,7 +128,7 @@ class Analyzer:
         """
         out: dict[str, list[RawOutput]] = {}
         for name, lm in self.models.items():
-            x = inputs[name].to(self.device, non_blocking=True)
+            x = place_batch(inputs[name], self.device)
             t0 = time.perf_counter()
             logits, cams = self.engines[name].run(x, lm.cfg.threshold)
             cams = cams.float().cpu()
