@@ -21,6 +21,7 @@ from node.db.tables import (
     SendStatus,
     Setting,
     UtcDateTime,
+    WorkerState,
     utcnow,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "SendAttempt",
     "Delivery",
     "Operation",
+    "WorkerState",
     "utcnow",
     "make_engine",
     "create_schema",

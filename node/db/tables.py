@@ -42,6 +42,7 @@ __all__ = [
     "SendAttempt",
     "Delivery",
     "Operation",
+    "WorkerState",
     "utcnow",
 ]
 
@@ -342,3 +343,24 @@ class Operation(Base):
     actor: Mapped[str] = mapped_column(String(64))
     summary: Mapped[str] = mapped_column(Text)
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class WorkerState(Base):
+    """An analysis worker process (``serve``'s or ``gradcam-node work``, on any machine), as it last said:
+    written when it starts, ``seen_at`` and its job counts every third of ``[worker] lease_s``
+    (:mod:`node.work.presence`), ``stopped_at`` when it stops cleanly. One whose ``seen_at`` is older than
+    a lease has vanished (killed, out of memory, its machine gone) without saying so."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128), unique=True)  # its lease holder id, host:pid
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))  # where its models run: cpu, cuda:0 ...
+    models: Mapped[str] = mapped_column(Text)  # the enabled models, comma separated
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    jobs_done: Mapped[int] = mapped_column(Integer, default=0)
+    jobs_failed: Mapped[int] = mapped_column(Integer, default=0)  # jobs it failed for good or queued again

@@ -29,6 +29,7 @@ Families (all prefixed ``gradcam_node_``):
 ``outbox_oldest_age_seconds``         gauge      age of the oldest send not yet sent (0: none)
 ``disk_free_bytes``                   gauge      free space under ``[node] storage_dir``
 ``disk_reserve_bytes``                gauge      ``min_free_disk_mb``: below it stores are refused
+``workers``                           gauge      worker processes seen in 24 h, by ``state``
 ``component_up``                      gauge      per ``component`` of this process (receiver, worker...)
 ``database_up``                       gauge      1 when the tables could be read for this scrape
 ====================================  =========  ==========================================================
@@ -67,7 +68,8 @@ from node.db import (
     utcnow,
 )
 from node.http.health import Liveness
-from node.http.status import disk
+from node.http.status import disk, workers
+from node.work.presence import ALIVE, SILENT, STOPPED
 
 __all__ = [
     "JOB_BUCKETS_S",
@@ -202,6 +204,19 @@ class NodeCollector:
         yield from self._jobs(s, now)
         yield from self._analysis(s)
         yield from self._outbox(s, now)
+        yield from self._workers(s, now)
+
+    def _workers(self, s: Session, now: datetime) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            P + "workers",
+            "Analysis worker processes seen in the last 24 h, by state (silent: not seen for longer than "
+            "a lease, gone without stopping)",
+            labels=["state"],
+        )
+        seen = workers(s, now, self.settings.worker.lease_s)
+        for state in (ALIVE, SILENT, STOPPED):
+            family.add_metric([state], sum(w.state == state for w in seen))
+        yield family
 
     def _reception(self, s: Session) -> Iterator[Metric]:
         received = s.scalar(select(func.coalesce(func.sum(Instance.times_received), 0)))

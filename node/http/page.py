@@ -46,6 +46,7 @@ img.thumb{max-width:256px;max-height:256px;display:block;background:#000}
 .status-queued,.status-running{color:#9a6700}
 .positive{color:#cf222e;font-weight:600}.negative{color:#1a7f37}
 .error{color:#cf222e}.low{color:#cf222e;font-weight:700}
+.worker-alive{color:#1a7f37}.worker-silent{color:#cf222e;font-weight:600}.worker-stopped{color:#6e7781}
 meter{width:100%}
 footer{color:#57606a;padding:8px 18px 18px;font-size:12px}
 """
@@ -155,6 +156,27 @@ def _holders(o: Overview) -> str:
     )
 
 
+def _workers_card(o: Overview) -> str:
+    """Every analysis worker process seen in the last day: where its models run, whether it is alive, and
+    what it did since it started. A silent one stopped renewing without saying it stopped: gone."""
+    rows = "".join(
+        f'<tr data-worker="{_e(w.worker)}"><td>{_e(w.worker)}</td><td>{_e(w.device)}</td>'
+        f'<td class="worker-{_e(w.state)}" data-figure="worker-state">{_e(w.state)}'
+        f"{' (gone?)' if w.state == 'silent' else ''}</td>"
+        f'<td class="num">{_e(_age((o.now - w.seen_at).total_seconds()))} ago</td>'
+        f'<td class="num">{int(w.jobs_done)}</td><td class="num">{int(w.jobs_failed)}</td></tr>'
+        for w in o.workers
+    )
+    alive = sum(w.state == "alive" for w in o.workers)
+    body = (
+        f"<table><tr><th>worker</th><th>device</th><th>state</th><th>seen</th>"
+        f'<th class="num">done</th><th class="num">failed</th></tr>{rows}</table>'
+        if rows
+        else "no worker has reported yet"
+    )
+    return f'<div class="card wide"><h2>Workers ({_figure("workers-alive", alive)} alive)</h2>{body}</div>'
+
+
 def _cards(o: Overview) -> str:
     oldest = "none queued"
     if o.oldest_queued_job is not None:
@@ -211,7 +233,7 @@ def _cards(o: Overview) -> str:
         f'<div class="card"><h2>Disk</h2>{disk_body}<div class="uid">{_e(d.folder)}</div>'
         f'<span hidden data-figure="disk-reserve-bytes">{d.reserve_bytes}</span></div>'
     )
-    return f'<div class="cards">{queue}{hour}{day}{models_card}{outbox}{disk}</div>'
+    return f'<div class="cards">{queue}{hour}{day}{models_card}{_workers_card(o)}{outbox}{disk}</div>'
 
 
 def _models_cell(results: Iterable[Mapping[str, Any]]) -> str:

@@ -15,17 +15,32 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from node.config import Settings
-from node.db import Association, Job, JobStatus, Output, Result, Send, SendAttempt, SendStatus, utcnow
+from node.db import (
+    Association,
+    Job,
+    JobStatus,
+    Output,
+    Result,
+    Send,
+    SendAttempt,
+    SendStatus,
+    WorkerState,
+    utcnow,
+)
 
 # the record of one job is exactly the one `gradcam-node jobs --json` prints
 from node.ops.report import job_record, job_records
 from node.receive.spool import free_bytes
+from node.work.presence import state_of
 
 __all__ = [
     "THUMBNAIL_KINDS",
     "ModelRate",
     "SendSummary",
     "Disk",
+    "Holder",
+    "WorkerView",
+    "workers",
     "Overview",
     "overview",
     "job_detail",
@@ -86,6 +101,46 @@ class Holder:
 
 
 @dataclass(frozen=True)
+class WorkerView:
+    """An analysis worker process seen in the last day (``workers`` table): ``state`` is ``alive``,
+    ``silent`` (not seen for longer than a lease: gone without stopping) or ``stopped``."""
+
+    worker: str  # host:pid, as in the leases it holds
+    device: str
+    models: str
+    state: str
+    started_at: datetime
+    seen_at: datetime
+    jobs_done: int
+    jobs_failed: int
+
+
+_WORKERS_SHOWN = timedelta(hours=24)
+
+
+def workers(s: Session, now: datetime, lease_s: float) -> list[WorkerView]:
+    """The worker processes seen in the last 24 h: alive ones first, then silent, then stopped."""
+    rows = s.scalars(
+        select(WorkerState).where(WorkerState.seen_at >= now - _WORKERS_SHOWN).order_by(WorkerState.holder)
+    ).all()
+    views = [
+        WorkerView(
+            r.holder,
+            r.device,
+            r.models,
+            state_of(r, now, lease_s),
+            r.started_at,
+            r.seen_at,
+            r.jobs_done,
+            r.jobs_failed,
+        )
+        for r in rows
+    ]
+    order = {"alive": 0, "silent": 1, "stopped": 2}
+    return sorted(views, key=lambda v: order.get(v.state, 3))
+
+
+@dataclass(frozen=True)
 class Overview:
     """Everything the page shows, taken at ``now``."""
 
@@ -101,6 +156,7 @@ class Overview:
     disk: Disk
     recent: list[dict[str, Any]]  # job records as `jobs --json`, with "thumbnail": an output id or None
     holders: list[Holder] = field(default_factory=list)  # the worker processes running jobs now
+    workers: list[WorkerView] = field(default_factory=list)  # every worker process seen in the last day
 
     @property
     def oldest_queued_age_s(self) -> float | None:
@@ -232,6 +288,7 @@ def overview(s: Session, settings: Settings, recent: int, now: datetime | None =
         disk=disk(settings),
         recent=records,
         holders=_holders(s, now),
+        workers=workers(s, now, settings.worker.lease_s),
     )
 
 

@@ -51,6 +51,8 @@ class Finisher:
         self.factory = factory
         self.context = context
         self.holder = holder
+        self.done = 0  # jobs completed, and failed attempts recorded, since the start
+        self.failed = 0
 
     def finish(self, item: Item) -> bool:
         """Complete or fail one job; True if a send was queued."""
@@ -79,6 +81,7 @@ class Finisher:
         duration_ms = (time.perf_counter() - item.t0) * 1000.0
         done = Done(job.job_id, analysis, ctx.content_key, rows, dest, duration_ms, self.holder)
         record_done(self.factory, done)
+        self.done += 1
         probs = ", ".join(
             f"{m}={r.probability:.3f}{'+' if r.positive else '-'}" for m, r in analysis.models.items()
         )
@@ -148,6 +151,7 @@ class Finisher:
             # the job stays 'running' under this worker's lease; once it runs out, the job is claimed again
             log.error("job %d: cannot record failure (%s): %s", job.job_id, reason, db_exc)
             return
+        self.failed += 1
         if retry:
             log.warning(
                 "job %d (%s): attempt %d failed: %s; retry in %.1f s",

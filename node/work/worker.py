@@ -30,6 +30,7 @@ from node.work.batch import Batch, collect, prepare, submit
 from node.work.claim import claim_jobs, next_job_due
 from node.work.finish import Finisher
 from node.work.inference import InferenceProcess
+from node.work.presence import Presence
 from node.work.warmup import warm_up_source
 
 __all__ = ["Worker"]
@@ -72,6 +73,14 @@ class Worker:
             device_uid(sessionmaker, settings.node.device_uid),
         )
         self.finisher = Finisher(settings, sessionmaker, self.context, self.holder)
+        self.presence = Presence(
+            sessionmaker,
+            self.holder,
+            self.models.device,
+            [m.cfg.name for m in self.models.models],
+            cfg.lease_s,
+            lambda: (self.finisher.done, self.finisher.failed),
+        )
         self._warm_up_outputs()
         self._inflight: list[Batch] = []
         self.leases = LeaseKeeper(sessionmaker, self.holder, cfg.lease_s, self._held)
@@ -81,6 +90,7 @@ class Worker:
 
     def start(self) -> None:
         """Start the thread."""
+        self.presence.start()
         self.leases.start()
         self.doorbell.start()
         self._thread.start()
@@ -97,6 +107,7 @@ class Worker:
             self.doorbell.stop()
             self.leases.stop()
             self.models.stop()
+            self.presence.stop()
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()

@@ -24,7 +24,8 @@ import pytest
 from helpers import CountingScp, RunningNode, dcmtk, run_tool, wait_until
 from sqlalchemy import func, select
 
-from node.db import Delivery, Instance, Job, JobStatus, Output, Result, Send, SendStatus
+from node.db import Delivery, Instance, Job, JobStatus, Output, Result, Send, SendStatus, WorkerState, utcnow
+from node.http.status import workers
 
 pytestmark = pytest.mark.integration
 
@@ -277,9 +278,12 @@ def test_a_kill_during_a_send_resends_only_the_files_not_yet_delivered(
 
 
 def test_serve_starts_a_killed_local_worker_again(cluster: Cluster, checkpoint_root: Path) -> None:
-    """`serve`'s own worker process, killed: serve logs it and starts another, which does the work."""
+    """`serve`'s own worker process, killed: serve logs it and starts another, which does the work; the
+    status page's workers show the killed one silent (gone) after a lease and its successor alive."""
     node = _receiver(cluster, checkpoint_root, None, worker={"processes": 1})
     (first,) = re.findall(r"1 worker process\(es\) ready: (\d+)", node.log_text())
+    killed = f"{socket.gethostname()}:{first}"
+    assert _worker_states(node) == {killed: ("alive", "cpu")}
     os.kill(int(first), signal.SIGKILL)
     wait_until("serve to start another worker", lambda: node.log_text().count("worker process(es)") >= 1
                and f"worker process {first} exited (code -9)" in node.log_text()
@@ -287,3 +291,18 @@ def test_serve_starts_a_killed_local_worker_again(cluster: Cluster, checkpoint_r
     _send_images(cluster, node, 4)
     wait_until("4 jobs analysed and sent", lambda: _all_delivered(node, 4), TIMEOUT_S, interval=0.5)
     assert node.proc.poll() is None
+    wait_until("the killed worker shown silent", lambda: _worker_states(node)[killed][0] == "silent", 30)
+    (successor,) = (w for w in _worker_states(node) if w != killed)
+    assert _worker_states(node)[successor] == ("alive", "cpu")
+    wait_until("its 4 jobs in its next beat", lambda: _jobs_done(node, successor) == 4, 30)
+
+
+def _jobs_done(node: RunningNode, holder: str) -> int:
+    with node.sessions()() as s:
+        return s.query(WorkerState).filter_by(holder=holder).one().jobs_done
+
+
+def _worker_states(node: RunningNode) -> dict[str, tuple[str, str]]:
+    """Each worker process of the node's database: (state as the status page shows it, device)."""
+    with node.sessions()() as s:
+        return {w.worker: (w.state, w.device) for w in workers(s, utcnow(), 3.0)}  # lease_s of _receiver

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, select
 from sqlalchemy.orm import sessionmaker
 
 from gradcam.config import DEFAULT_CONFIG
@@ -35,11 +35,13 @@ from node.db import (
     Send,
     SendAttempt,
     SendStatus,
+    WorkerState,
     utcnow,
 )
 from node.http.metrics import make_registry, reject_reason, render, skip_reason
 from node.http.server import StatusApp, StatusServer
 from node.http.status import job_detail, overview
+from node.work.presence import Presence
 from tests import helpers
 
 TOKEN = "a-token-of-24-characters"
@@ -225,6 +227,58 @@ def test_the_page_names_the_workers_that_hold_running_jobs(world: World) -> None
         s.get(Job, world.jobs["running"]).lease_until = now + timedelta(seconds=30)
     with world.sessions() as s:
         assert [h.expired for h in overview(s, world.settings, 10, now).holders] == [False]
+
+
+def test_every_worker_process_shows_alive_silent_or_stopped(world: World) -> None:
+    """Idle workers too: each worker process's row (node.work.presence), what the page and /metrics say of
+    it, and a worker that stopped renewing without stopping shown as gone."""
+    lease_s = world.settings.worker.lease_s
+    models = ["ResNet18", "DenseNet121"]
+    gpu = Presence(world.sessions, "gpu-host-1:11", "cuda:0", models, lease_s, lambda: (7, 1))
+    cpu = Presence(world.sessions, "cpu-host:22", "cpu", ["ResNet18"], lease_s, lambda: (3, 0))
+    idle = Presence(world.sessions, "cpu-host:33", "cpu", ["ResNet18"], lease_s, lambda: (0, 0))
+    for p in (gpu, cpu, idle):
+        p.start()
+    try:
+        gpu.beat()
+        cpu.stop()
+        with world.sessions() as s:
+            seen = {w.worker: w for w in overview(s, world.settings, 10).workers}
+        assert {k: v.state for k, v in seen.items()} == {
+            "gpu-host-1:11": "alive",
+            "cpu-host:33": "alive",
+            "cpu-host:22": "stopped",
+        }
+        assert (seen["gpu-host-1:11"].device, seen["gpu-host-1:11"].jobs_done) == ("cuda:0", 7)
+        assert seen["gpu-host-1:11"].models == "ResNet18, DenseNet121"
+        assert seen["cpu-host:22"].jobs_done == 3  # its last counts, written as it stopped
+
+        # the idle worker vanishes (kill -9): it renews no more; after a lease it is silent
+        with world.sessions.begin() as s:
+            row = s.query(WorkerState).filter_by(holder="cpu-host:33").one()
+            row.seen_at = utcnow() - timedelta(seconds=lease_s + 1)
+        app = StatusApp(world.settings, world.sessions, lambda: ALL_UP)
+        html = app.get("/", {}).body.decode()
+        assert 'data-figure="workers-alive">1</span> alive)' in html
+        silent = html[html.index('<tr data-worker="cpu-host:33">') :].split("</tr>")[0]
+        assert 'class="worker-silent"' in silent and "silent (gone?)" in silent
+        m = _samples(app.get("/metrics", {}).body.decode())
+        states = ("alive", "silent", "stopped")
+        assert [m[("gradcam_node_workers", (("state", s),))] for s in states] == [1, 1, 1]
+
+        # a worker started again with the pid of a long-gone one replaces its row; rows not seen for more
+        # than a week go when a worker starts
+        with world.sessions.begin() as s:
+            s.query(WorkerState).filter_by(holder="cpu-host:22").one().seen_at = utcnow() - timedelta(days=8)
+        again = Presence(world.sessions, "cpu-host:33", "cpu", ["ResNet18"], lease_s, lambda: (0, 0))
+        again.start()
+        again.stop()
+        with world.sessions() as s:
+            assert s.query(WorkerState).filter_by(holder="cpu-host:33").one().stopped_at is not None
+            assert sorted(s.scalars(select(WorkerState.holder))) == ["cpu-host:33", "gpu-host-1:11"]
+    finally:
+        gpu.stop()
+        idle.stop()
 
 
 def test_job_detail_has_attempts_association_and_output_ids(world: World) -> None:

@@ -321,6 +321,8 @@ def test_postgresql_sql_renders_offline() -> None:
     assert "ALTER TABLE jobs ADD COLUMN lease_until TIMESTAMP WITH TIME ZONE;" in sql
     assert "CREATE TABLE deliveries" in sql
     assert "UPDATE alembic_version SET version_num='0004'" in sql
+    assert "CREATE TABLE workers" in sql
+    assert "UPDATE alembic_version SET version_num='0005'" in sql
 
 
 def test_revision_0002_database_keeps_its_rows_through_0003_and_back(tmp_path: Path) -> None:
