@@ -22,6 +22,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -747,8 +748,14 @@ def _has_results(client: OrthancClient, study_uid: str) -> bool:
     return False
 
 
-def _wait_for_results(client: OrthancClient, studies: list[DemoStudy], timeout: float) -> int:
-    """Poll Orthanc until every study holds the node's SR and all it references; returns how many do."""
+def _wait_for_results(
+    client: OrthancClient,
+    studies: list[DemoStudy],
+    timeout: float,
+    hopeless: Callable[[int], str | None] = lambda _done: None,
+) -> tuple[int, str | None]:
+    """Poll Orthanc until every study holds the node's SR and all it references, or until ``hopeless``
+    (given how many do) says why the others never will; returns how many do, and that reason."""
     deadline = time.monotonic() + timeout
     done: set[str] = set()
     while time.monotonic() < deadline:
@@ -758,8 +765,59 @@ def _wait_for_results(client: OrthancClient, studies: list[DemoStudy], timeout: 
                 print(f"  results for {s.path.name} are in Orthanc ({len(done)}/{len(studies)})", flush=True)
         if len(done) == len(studies):
             break
+        reason = hopeless(len(done))
+        if reason is not None:
+            return len(done), reason
         time.sleep(1.0)
-    return len(done)
+    return len(done), None
+
+
+def _no_more_results(node: NodeProcess, settings: Settings, studies: int) -> Callable[[int], str | None]:
+    """Why the studies without results never get any, from the demo node's process and database: it
+    exited, or every study either has its results or was refused, rejected, skipped or failed by it."""
+    from sqlalchemy import func, select
+
+    from node.db import Association, AssociationStatus, Job, JobStatus, make_engine, session_factory
+
+    def check(done: int) -> str | None:
+        if not node.running:
+            return f"the node exited; the end of its log ({_shown(node.log_path)}):\n{node.log_tail(1500)}"
+        engine = make_engine(settings.database_url)
+        try:
+            with session_factory(engine)() as s:
+                refused = s.scalar(select(func.coalesce(func.sum(Association.n_failed), 0)))
+                rejected = s.scalar(
+                    select(func.count()).where(Association.status == AssociationStatus.REJECTED)
+                )
+                ended = dict(
+                    s.execute(
+                        select(Job.status, func.count())
+                        .where(Job.status.in_([JobStatus.FAILED, JobStatus.SKIPPED]))
+                        .group_by(Job.status)
+                    ).all()
+                )
+        finally:
+            engine.dispose()
+        failed, skipped = ended.get(JobStatus.FAILED, 0), ended.get(JobStatus.SKIPPED, 0)
+        lost = int(refused) + int(rejected) + failed + skipped
+        if lost == 0 or done + lost < studies:
+            return None
+        what = ", ".join(
+            f"{n} {label}"
+            for n, label in (
+                (refused, "instance(s) refused"),
+                (rejected, "association(s) rejected"),
+                (failed, "job(s) failed"),
+                (skipped, "job(s) skipped"),
+            )
+            if n
+        )
+        return (
+            f"{studies - done} of {studies} studies will get no results: the node reports {what}. "
+            f"Why: {node_command('--config', node.config, 'jobs')} and {_shown(node.log_path)}"
+        )
+
+    return check
 
 
 def _summary(client: OrthancClient, study: DemoStudy) -> list[str]:
@@ -839,11 +897,16 @@ def _run_demo(settings: Settings, keep_running: bool, workdir: Path) -> int:
         studies = make_demo_studies(workdir / "inputs")
         print(f"sending {len(studies)} synthetic phantom studies to Orthanc with {STORESCU} ...", flush=True)
         storescu([s.path for s in studies], dicom_port, orthanc.aet)
-        complete = _wait_for_results(orthanc.client, studies, DEMO_TIMEOUT_S)
+        from node.config import load_settings
+
+        hopeless = _no_more_results(node, load_settings(config), len(studies))
+        complete, reason = _wait_for_results(orthanc.client, studies, DEMO_TIMEOUT_S, hopeless)
         print()
         for s in studies:
             print("\n".join(_summary(orthanc.client, s)))
-        if complete < len(studies):
+        if reason is not None:
+            print(reason)
+        elif complete < len(studies):
             print(f"only {complete} of {len(studies)} studies got results within {DEMO_TIMEOUT_S:.0f} s")
         if not keep_running:
             print("\nstopping the node and Orthanc (--exit) ...", flush=True)

@@ -129,3 +129,38 @@ def test_demo_exit_names_no_dead_url_and_its_jobs_command_works(
     outputs = re.findall(r"(\S+/outputs/\S+)", done.stdout)
     assert outputs, done.stdout
     assert all(Path(p).resolve().is_relative_to(spool.resolve()) for p in outputs), outputs
+
+
+@pytest.mark.integration
+def test_demo_says_at_once_why_studies_get_no_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A node that cannot analyse any image (here: every image is over [preprocess] max_pixels) ends the
+    demo as soon as every study is accounted for, with the node's reasons, instead of waiting 15 minutes."""
+    require_orthanc()
+    default = load_settings(DEFAULT_CONFIG)
+    orthanc_port = free_port()
+    ports = derived_node_config(
+        DEFAULT_CONFIG,
+        tmp_path / "ports.toml",
+        {
+            "node": {"port": free_port()},
+            "preprocess": {"max_pixels": 1},
+            "destinations": [
+                {"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": orthanc_port}
+                for d in default.destinations
+            ],
+        },
+    )
+
+    rc = run_demo(load_settings(ports), keep_running=False, workdir=tmp_path / "demo")
+
+    out = capsys.readouterr().out
+    print(out)  # shown when the test fails
+    assert rc != 0
+    line = re.search(r"^4 of 4 studies will get no results: the node reports (.+)\. Why: (.+)$", out, re.M)
+    assert line is not None, "the reason, in one line"
+    assert re.fullmatch(r"4 job\(s\) (failed|skipped)", line.group(1)), line.group(1)
+    assert "--config" in line.group(2) and " jobs and " in line.group(2)
+    assert "within 900 s" not in out
+    assert "Orthanc and the node are stopped now (--exit)" in out
