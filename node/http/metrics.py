@@ -68,8 +68,8 @@ from node.db import (
     utcnow,
 )
 from node.http.health import Liveness
-from node.http.status import disk, workers
-from node.work.presence import ALIVE, SILENT, STOPPED
+from node.http.status import disk
+from node.work.presence import ALIVE, SILENT, STOPPED, seen_workers
 
 __all__ = [
     "JOB_BUCKETS_S",
@@ -213,7 +213,7 @@ class NodeCollector:
             "a lease, gone without stopping)",
             labels=["state"],
         )
-        seen = workers(s, now, self.settings.worker.lease_s)
+        seen = seen_workers(s, now, self.settings.worker.lease_s)
         for state in (ALIVE, SILENT, STOPPED):
             family.add_metric([state], sum(w.state == state for w in seen))
         yield family

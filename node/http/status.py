@@ -15,23 +15,12 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from node.config import Settings
-from node.db import (
-    Association,
-    Job,
-    JobStatus,
-    Output,
-    Result,
-    Send,
-    SendAttempt,
-    SendStatus,
-    WorkerState,
-    utcnow,
-)
+from node.db import Association, Job, JobStatus, Output, Result, Send, SendAttempt, SendStatus, utcnow
 
 # the record of one job is exactly the one `gradcam-node jobs --json` prints
 from node.ops.report import job_record, job_records
 from node.receive.spool import free_bytes
-from node.work.presence import state_of
+from node.work.presence import WorkerView, seen_workers
 
 __all__ = [
     "THUMBNAIL_KINDS",
@@ -39,8 +28,6 @@ __all__ = [
     "SendSummary",
     "Disk",
     "Holder",
-    "WorkerView",
-    "workers",
     "Overview",
     "overview",
     "job_detail",
@@ -98,46 +85,6 @@ class Holder:
     jobs: int
     lease_until: datetime | None
     expired: bool
-
-
-@dataclass(frozen=True)
-class WorkerView:
-    """An analysis worker process seen in the last day (``workers`` table): ``state`` is ``alive``,
-    ``silent`` (not seen for longer than a lease: gone without stopping) or ``stopped``."""
-
-    worker: str  # host:pid, as in the leases it holds
-    device: str
-    models: str
-    state: str
-    started_at: datetime
-    seen_at: datetime
-    jobs_done: int
-    jobs_failed: int
-
-
-_WORKERS_SHOWN = timedelta(hours=24)
-
-
-def workers(s: Session, now: datetime, lease_s: float) -> list[WorkerView]:
-    """The worker processes seen in the last 24 h: alive ones first, then silent, then stopped."""
-    rows = s.scalars(
-        select(WorkerState).where(WorkerState.seen_at >= now - _WORKERS_SHOWN).order_by(WorkerState.holder)
-    ).all()
-    views = [
-        WorkerView(
-            r.holder,
-            r.device,
-            r.models,
-            state_of(r, now, lease_s),
-            r.started_at,
-            r.seen_at,
-            r.jobs_done,
-            r.jobs_failed,
-        )
-        for r in rows
-    ]
-    order = {"alive": 0, "silent": 1, "stopped": 2}
-    return sorted(views, key=lambda v: order.get(v.state, 3))
 
 
 @dataclass(frozen=True)
@@ -288,7 +235,7 @@ def overview(s: Session, settings: Settings, recent: int, now: datetime | None =
         disk=disk(settings),
         recent=records,
         holders=_holders(s, now),
-        workers=workers(s, now, settings.worker.lease_s),
+        workers=seen_workers(s, now, settings.worker.lease_s),
     )
 
 

@@ -1,4 +1,5 @@
-"""``gradcam-node jobs``: what the node received and did, newest first, as a table or JSON."""
+"""``gradcam-node jobs``: what the node received and did, newest first, as a table or JSON, and the worker
+processes seen in the last day."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, selectinload
 
 from node.config import Settings
-from node.db import Association, Job, JobStatus, Send, create_schema, make_engine, session_factory
+from node.db import Association, Job, JobStatus, Send, create_schema, make_engine, session_factory, utcnow
+from node.work.presence import WorkerView, seen_workers
 
 __all__ = ["print_jobs", "job_records", "job_record"]
 
@@ -119,6 +121,17 @@ def _consensus(c: bool | None) -> str:
     return "-" if c is None else ("positive" if c else "negative")
 
 
+def _workers_line(workers: list[WorkerView], now: datetime) -> str:
+    """One line: each worker process, its device and state, and its jobs since it started."""
+    parts = [
+        f"{w.worker} {w.device} {w.state}{' (gone?)' if w.state == 'silent' else ''}, "
+        f"seen {max(0, int((now - w.seen_at).total_seconds()))} s ago, "
+        f"{w.jobs_done} done, {w.jobs_failed} failed"
+        for w in workers
+    ]
+    return "workers: " + ("; ".join(parts) or "none seen in the last 24 h")
+
+
 def _table(records: list[dict[str, Any]], assoc: dict[str, int], out: TextIO) -> None:
     print(
         f"{'JOB':>5}  {'RECEIVED (UTC)':19}  {'STATUS':8}  {'MOD':4} {'FROM':16} {'ATT':>3} {'MS':>7}  "
@@ -189,6 +202,8 @@ def print_jobs(settings: Settings, limit: int, status: str | None, as_json: bool
             print(f"gradcam-node jobs: error: invalid --status {status!r} (valid: {valid})", file=sys.stderr)
             return 2
     missing = _missing_sqlite_file(settings.database_url)
+    now = utcnow()
+    workers: list[WorkerView] = []
     if missing is not None:  # reading must not create an empty database
         records, assoc = [], {}
     else:
@@ -198,11 +213,14 @@ def print_jobs(settings: Settings, limit: int, status: str | None, as_json: bool
             with session_factory(engine)() as s:
                 records = job_records(s, limit, wanted)
                 assoc = _association_counts(s)
+                workers = seen_workers(s, now, settings.worker.lease_s)
         finally:
             engine.dispose()
     if as_json:
-        json.dump({"jobs": records, "associations": assoc}, sys.stdout, indent=2)
+        doc = {"jobs": records, "associations": assoc, "workers": [w.record() for w in workers]}
+        json.dump(doc, sys.stdout, indent=2)
         print()
     else:
         _table(records, assoc, sys.stdout)
+        print(_workers_line(workers, now))
     return 0

@@ -15,15 +15,17 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import WorkerState, utcnow
 
-__all__ = ["Presence", "state_of", "ALIVE", "SILENT", "STOPPED"]
+__all__ = ["Presence", "WorkerView", "seen_workers", "state_of", "ALIVE", "SILENT", "STOPPED"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,53 @@ def state_of(row: WorkerState, now: datetime, lease_s: float) -> str:
     if row.stopped_at is not None:
         return STOPPED
     return ALIVE if now - row.seen_at <= timedelta(seconds=lease_s) else SILENT
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """A worker process seen in the last day, as the status page, ``/metrics`` and ``gradcam-node jobs``
+    show it: ``state`` is ``alive``, ``silent`` (gone without stopping) or ``stopped``."""
+
+    worker: str  # host:pid, as in the leases it holds
+    device: str
+    models: str
+    state: str
+    started_at: datetime
+    seen_at: datetime
+    jobs_done: int
+    jobs_failed: int
+
+    def record(self) -> dict[str, Any]:
+        """As JSON values (times in ISO 8601)."""
+        out = asdict(self)
+        out["started_at"] = self.started_at.isoformat(timespec="seconds")
+        out["seen_at"] = self.seen_at.isoformat(timespec="seconds")
+        return out
+
+
+_SHOWN = timedelta(hours=24)
+_ORDER = {ALIVE: 0, SILENT: 1, STOPPED: 2}
+
+
+def seen_workers(session: Session, now: datetime, lease_s: float) -> list[WorkerView]:
+    """The worker processes seen in the last 24 h: alive ones first, then silent, then stopped."""
+    rows = session.scalars(
+        select(WorkerState).where(WorkerState.seen_at >= now - _SHOWN).order_by(WorkerState.holder)
+    ).all()
+    views = [
+        WorkerView(
+            r.holder,
+            r.device,
+            r.models,
+            state_of(r, now, lease_s),
+            r.started_at,
+            r.seen_at,
+            r.jobs_done,
+            r.jobs_failed,
+        )
+        for r in rows
+    ]
+    return sorted(views, key=lambda v: _ORDER[v.state])
 
 
 class Presence:

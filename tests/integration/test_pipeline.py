@@ -493,3 +493,11 @@ def test_jobs_json_lists_every_output(pnode: RunningNode, delivered: dict[str, l
         [sys.executable, "-m", "node.cli", "--config", pnode.config_path, "jobs", "--limit", "100"]
     )
     assert all(o.path in table.stdout for outs in delivered.values() for o in outs)
+    # and the node's worker process: alive, where its models run, what it did
+    workers = json.loads(res.stdout)["workers"]
+    alive = [w for w in workers if w["state"] == "alive"]
+    assert len(alive) == 1 and alive[0]["device"] == "cpu", workers
+    models = {o.model for outs in delivered.values() for o in outs if o.model}
+    assert models and models <= set(alive[0]["models"].split(", ")), alive[0]["models"]
+    line = table.stdout.splitlines()[-1]
+    assert line.startswith("workers: ") and f"{alive[0]['worker']} cpu alive, seen " in line, line

@@ -25,7 +25,7 @@ from helpers import CountingScp, RunningNode, dcmtk, run_tool, wait_until
 from sqlalchemy import func, select
 
 from node.db import Delivery, Instance, Job, JobStatus, Output, Result, Send, SendStatus, WorkerState, utcnow
-from node.http.status import workers
+from node.work.presence import seen_workers
 
 pytestmark = pytest.mark.integration
 
@@ -305,4 +305,4 @@ def _jobs_done(node: RunningNode, holder: str) -> int:
 def _worker_states(node: RunningNode) -> dict[str, tuple[str, str]]:
     """Each worker process of the node's database: (state as the status page shows it, device)."""
     with node.sessions()() as s:
-        return {w.worker: (w.state, w.device) for w in workers(s, utcnow(), 3.0)}  # lease_s of _receiver
+        return {w.worker: (w.state, w.device) for w in seen_workers(s, utcnow(), 3.0)}  # lease_s of _receiver
