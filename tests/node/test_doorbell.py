@@ -12,8 +12,11 @@ from sqlalchemy.orm import sessionmaker
 from node.config import Destination
 from node.db import JobStatus, create_schema, make_engine, session_factory
 from node.db.doorbell import JOBS, SENDS, Listener
+from node.queue import JobSignal
+from node.receive.store import InstanceStore
 from node.send.outbox import create_send
 from tests.node.test_db import _instance, _job
+from tests.node.test_store import _rec
 
 
 @pytest.fixture
@@ -59,3 +62,20 @@ def test_sqlite_has_no_doorbell(tmp_path: Path) -> None:
     listener.start()
     assert listener._thread is None
     listener.stop()
+
+
+def test_an_instance_received_rings_the_workers_and_a_skipped_one_does_not(
+    pg: tuple[str, sessionmaker], tmp_path: Path
+) -> None:
+    """The receiving store inserts its rows without the ORM (node.receive.store): it rings itself."""
+    url, sessions = pg
+    jobs, job_rung = _listening(url, JOBS)
+    store = InstanceStore(tmp_path / "spool", sessions, JobSignal(), 0)
+    try:
+        store.store(_rec("1.2.3.1", analysable=False), b"not analysed")
+        assert not job_rung.wait(0.5), "a skipped instance queues no job"
+        result = store.store(_rec("1.2.3.2"), b"queued")
+        assert result.job_status is JobStatus.QUEUED
+        assert job_rung.wait(5)
+    finally:
+        jobs.stop()
