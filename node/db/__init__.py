@@ -2,7 +2,7 @@
 a process (:mod:`node.db.engine`), the leases by which processes hold jobs and sends
 (:mod:`node.db.leases`) and the schema's revisions (:mod:`node.db.migrations`)."""
 
-from node.db.engine import BUSY_TIMEOUT_MS, create_schema, make_engine, session_factory
+from node.db.engine import BUSY_TIMEOUT_MS, create_schema, make_engine, missing_sqlite_file, session_factory
 from node.db.leases import LeaseKeeper, holder_id, recover
 from node.db.tables import (
     Association,
@@ -27,6 +27,7 @@ from node.db.tables import (
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
+    "missing_sqlite_file",
     "Base",
     "UtcDateTime",
     "AssociationStatus",

@@ -123,6 +123,16 @@ def _raw(connection: Any) -> Any:
     return getattr(connection, "dbapi_connection", None) or connection
 
 
+def missing_sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL that does not exist yet (None for any other URL, or an existing file):
+    commands that only read must not create an empty database by opening it."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:"):
+        path = Path(u.database)
+        return None if path.exists() else path
+    return None
+
+
 def make_engine(url: str) -> Engine:
     """The process's engine for any SQLAlchemy URL; SQLite gets WAL, busy timeout and foreign keys.
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from node.db import JobStatus, SendStatus
 from node.http.status import Overview
+from node.ops.report import consensus_word
 
 __all__ = ["REFRESH_S", "overview_page", "job_page", "message_page"]
 
@@ -98,10 +99,6 @@ def _when(iso: str | None) -> str:
 
 def _utc(t: datetime | None) -> str:
     return "-" if t is None else t.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _consensus(c: bool | None) -> str:
-    return "-" if c is None else ("positive" if c else "negative")
 
 
 def _figure(name: str, value: object, css: str = "") -> str:
@@ -260,7 +257,7 @@ def _sends_cell(sends: Iterable[Mapping[str, Any]]) -> str:
 def _job_row(r: Mapping[str, Any]) -> str:
     inst = r["instance"]
     job_id = int(r["job_id"])
-    consensus = _consensus(r["consensus"])
+    consensus = consensus_word(r["consensus"])
     duration = "-" if r["duration_ms"] is None else f"{r['duration_ms']:.0f}"
     reason = f'<div class="error">{_e(r["reason"])}</div>' if r["reason"] else ""
     return (
@@ -307,7 +304,7 @@ def job_page(r: Mapping[str, Any], node_title: str, nonce: str) -> str:
                 f'<span class="status-{_e(r["status"])}" data-figure="status">{_e(r["status"])}</span>',
             ),
             ("reason", _e(r["reason"] or "-")),
-            ("consensus", _figure("consensus", _consensus(r["consensus"]))),
+            ("consensus", _figure("consensus", consensus_word(r["consensus"]))),
             ("attempts", _e(r["attempts"])),
             (
                 "created / started / finished",

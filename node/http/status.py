@@ -18,7 +18,7 @@ from node.config import Settings
 from node.db import Association, Job, JobStatus, Output, Result, Send, SendAttempt, SendStatus, utcnow
 
 # the record of one job is exactly the one `gradcam-node jobs --json` prints
-from node.ops.report import job_record, job_records
+from node.ops.report import iso, job_record, job_records
 from node.receive.spool import free_bytes
 from node.work.presence import WorkerView, seen_workers
 
@@ -239,10 +239,6 @@ def overview(s: Session, settings: Settings, recent: int, now: datetime | None =
     )
 
 
-def _iso(t: datetime | None) -> str | None:
-    return t.isoformat(timespec="milliseconds") if t is not None else None
-
-
 def job_detail(s: Session, job_id: int) -> dict[str, Any] | None:
     """One job as ``jobs --json`` shows it, plus output ids, every send attempt and the association."""
     job = s.scalar(
@@ -261,8 +257,8 @@ def job_detail(s: Session, job_id: int) -> dict[str, Any] | None:
         shown.update(ae_title=send.ae_title, host=send.host, port=send.port)
         shown["attempts_log"] = [
             {
-                "started_at": _iso(a.started_at),
-                "finished_at": _iso(a.finished_at),
+                "started_at": iso(a.started_at),
+                "finished_at": iso(a.finished_at),
                 "outcome": a.outcome,
                 "detail": a.detail,
             }
@@ -280,7 +276,7 @@ def job_detail(s: Session, job_id: int) -> dict[str, Any] | None:
             "peer": f"{assoc.peer_host}:{assoc.peer_port}",
             "status": assoc.status.value,
             "reason": assoc.reason,
-            "started_at": _iso(assoc.started_at),
+            "started_at": iso(assoc.started_at),
             "n_received": assoc.n_received,
             "n_failed": assoc.n_failed,
         }

@@ -8,14 +8,12 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from gradcam.errors import GradcamError
 from node.config import Settings
-from node.db import create_schema, make_engine, session_factory
+from node.db import create_schema, make_engine, missing_sqlite_file, session_factory
 from node.ops.purge import Rules, purge
 from node.ops.record import Report, log_operation, record_operation
 from node.ops.reprocess import reprocess
@@ -46,19 +44,11 @@ def parse_since(text: str) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _missing_sqlite_file(url: str) -> Path | None:
-    u = make_url(url)
-    if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:"):
-        path = Path(u.database)
-        return None if path.exists() else path
-    return None
-
-
 @contextmanager
 def _database(settings: Settings) -> Iterator[sessionmaker[Session]]:
     """Sessions on the node's database, upgraded to the current schema like ``serve`` does; never a new
     empty SQLite file (a wrong ``database_url`` is reported instead)."""
-    missing = _missing_sqlite_file(settings.database_url)
+    missing = missing_sqlite_file(settings.database_url)
     if missing is not None:
         raise OperationError(
             f"no database at {missing}: the node has not run with this configuration yet, or [node] "

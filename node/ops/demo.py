@@ -779,25 +779,21 @@ def _no_more_results(node: NodeProcess, settings: Settings, studies: int) -> Cal
 
     from node.db import Association, AssociationStatus, Job, JobStatus, make_engine, session_factory
 
+    sessions = session_factory(make_engine(settings.database_url))  # one engine for every poll
+
     def check(done: int) -> str | None:
         if not node.running:
             return f"the node exited; the end of its log ({_shown(node.log_path)}):\n{node.log_tail(1500)}"
-        engine = make_engine(settings.database_url)
-        try:
-            with session_factory(engine)() as s:
-                refused = s.scalar(select(func.coalesce(func.sum(Association.n_failed), 0)))
-                rejected = s.scalar(
-                    select(func.count()).where(Association.status == AssociationStatus.REJECTED)
-                )
-                ended = dict(
-                    s.execute(
-                        select(Job.status, func.count())
-                        .where(Job.status.in_([JobStatus.FAILED, JobStatus.SKIPPED]))
-                        .group_by(Job.status)
-                    ).all()
-                )
-        finally:
-            engine.dispose()
+        with sessions() as s:
+            refused = s.scalar(select(func.coalesce(func.sum(Association.n_failed), 0)))
+            rejected = s.scalar(select(func.count()).where(Association.status == AssociationStatus.REJECTED))
+            ended = dict(
+                s.execute(
+                    select(Job.status, func.count())
+                    .where(Job.status.in_([JobStatus.FAILED, JobStatus.SKIPPED]))
+                    .group_by(Job.status)
+                ).all()
+            )
         failed, skipped = ended.get(JobStatus.FAILED, 0), ended.get(JobStatus.SKIPPED, 0)
         lost = int(refused) + int(rejected) + failed + skipped
         if lost == 0 or done + lost < studies:

@@ -6,21 +6,30 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime
-from pathlib import Path
 from typing import Any, TextIO
 
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, selectinload
 
 from node.config import Settings
-from node.db import Association, Job, JobStatus, Send, create_schema, make_engine, session_factory, utcnow
+from node.db import (
+    Association,
+    Job,
+    JobStatus,
+    Send,
+    create_schema,
+    make_engine,
+    missing_sqlite_file,
+    session_factory,
+    utcnow,
+)
 from node.work.presence import WorkerView, seen_workers
 
-__all__ = ["print_jobs", "job_records", "job_record"]
+__all__ = ["print_jobs", "job_records", "job_record", "iso", "consensus_word"]
 
 
-def _iso(t: datetime | None) -> str | None:
+def iso(t: datetime | None) -> str | None:
+    """A stored time as the records print it (ISO 8601, milliseconds), or None."""
     return t.isoformat(timespec="milliseconds") if t is not None else None
 
 
@@ -32,15 +41,15 @@ def job_record(job: Job) -> dict[str, Any]:
         "status": job.status.value,
         "reason": job.reason,
         "attempts": job.attempts,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
         "duration_ms": job.duration_ms,
         "consensus": job.consensus,
         "reply_ae": job.reply_ae,
         # while running: the worker process that holds it ("host:pid") and until when, unless renewed
         "leased_by": job.leased_by,
-        "lease_until": _iso(job.lease_until),
+        "lease_until": iso(job.lease_until),
         "instance": {
             "sop_instance_uid": inst.sop_instance_uid,
             "sop_class_uid": inst.sop_class_uid,
@@ -49,10 +58,10 @@ def job_record(job: Job) -> dict[str, Any]:
             "modality": inst.modality,
             "transfer_syntax": inst.transfer_syntax,
             "calling_ae": inst.calling_ae,
-            "received_at": _iso(inst.received_at),
+            "received_at": iso(inst.received_at),
             "times_received": inst.times_received,
             "path": inst.path,
-            "purged_at": _iso(inst.purged_at),
+            "purged_at": iso(inst.purged_at),
         },
         "results": [
             {
@@ -76,7 +85,7 @@ def job_record(job: Job) -> dict[str, Any]:
                 "instance_number": o.instance_number,
                 "supersedes": o.supersedes,
                 "path": o.path,
-                "purged_at": _iso(o.purged_at),
+                "purged_at": iso(o.purged_at),
             }
             for o in job.outputs
         ],
@@ -86,7 +95,7 @@ def job_record(job: Job) -> dict[str, Any]:
                 "status": s.status.value,
                 "attempts": s.attempts,
                 "last_error": s.last_error,
-                "sent_at": _iso(s.sent_at),
+                "sent_at": iso(s.sent_at),
                 "delivered": len(s.deliveries),  # instances the destination acknowledged
             }
             for s in job.sends
@@ -117,7 +126,8 @@ def _fmt_ms(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:.0f}"
 
 
-def _consensus(c: bool | None) -> str:
+def consensus_word(c: bool | None) -> str:
+    """A job's consensus as the table and the page show it."""
     return "-" if c is None else ("positive" if c else "negative")
 
 
@@ -144,7 +154,7 @@ def _table(records: list[dict[str, Any]], assoc: dict[str, int], out: TextIO) ->
         print(
             f"{r['job_id']:>5}  {received:19}  {r['status']:8}  {inst['modality'] or '-':4} "
             f"{inst['calling_ae']:16} {r['attempts']:>3} {_fmt_ms(r['duration_ms']):>7}  "
-            f"{_consensus(r['consensus'])}",
+            f"{consensus_word(r['consensus'])}",
             file=out,
         )
         purged = f"; file purged {inst['purged_at'][:10]}" if inst["purged_at"] else ""
@@ -180,14 +190,6 @@ def _table(records: list[dict[str, Any]], assoc: dict[str, int], out: TextIO) ->
     print(f"associations: {summary}", file=out)
 
 
-def _missing_sqlite_file(url: str) -> Path | None:
-    u = make_url(url)
-    if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:"):
-        p = Path(u.database)
-        return None if p.exists() else p
-    return None
-
-
 def print_jobs(settings: Settings, limit: int, status: str | None, as_json: bool) -> int:
     """Print recent jobs; 0, or 2 for an invalid ``status`` or ``limit`` (the message lists valid values)."""
     if limit < 1:
@@ -201,7 +203,7 @@ def print_jobs(settings: Settings, limit: int, status: str | None, as_json: bool
             valid = ", ".join(s.value for s in JobStatus)
             print(f"gradcam-node jobs: error: invalid --status {status!r} (valid: {valid})", file=sys.stderr)
             return 2
-    missing = _missing_sqlite_file(settings.database_url)
+    missing = missing_sqlite_file(settings.database_url)
     now = utcnow()
     workers: list[WorkerView] = []
     if missing is not None:  # reading must not create an empty database

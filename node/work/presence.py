@@ -42,8 +42,15 @@ _BEAT = (
     .where(WorkerState.holder == _HOLDER)
     .values(seen_at=bindparam("now"), jobs_done=bindparam("done"), jobs_failed=bindparam("failed"))
 )
-_LEAVE = (
-    update(WorkerState.__table__).where(WorkerState.holder == _HOLDER).values(stopped_at=bindparam("now"))
+_LEAVE = (  # the last beat, and the stop
+    update(WorkerState.__table__)
+    .where(WorkerState.holder == _HOLDER)
+    .values(
+        seen_at=bindparam("now"),
+        stopped_at=bindparam("now"),
+        jobs_done=bindparam("done"),
+        jobs_failed=bindparam("failed"),
+    )
 )
 
 
@@ -156,10 +163,10 @@ class Presence:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5)
+        done, failed = self.counts()
         try:
-            self.beat()
             with self.sessions.begin() as s:
-                s.execute(_LEAVE, {"holder_id": self.holder, "now": utcnow()})
+                s.execute(_LEAVE, {"holder_id": self.holder, "now": utcnow(), "done": done, "failed": failed})
         except OperationalError as exc:
             log.warning("cannot record that worker %s stopped: %s", self.holder, exc)
 
