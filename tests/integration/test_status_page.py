@@ -175,8 +175,19 @@ def _start(node_factory: NodeFactory, **http: Any) -> tuple[RunningNode, str]:
         default_destination="pacs",
     )
     base = f"http://127.0.0.1:{port}"
-    wait_until("the status page", lambda: get(base + "/healthz")[0] == 200, 30)
+    wait_until("the status page", lambda: _answers(base + "/healthz"), 30)
     return node, base
+
+
+def _answers(url: str) -> bool:
+    """200 from ``url``; False while nothing listens yet (serve opens its HTTP port after the DICOM one
+    that the node fixture waits for)."""
+    try:
+        return get(url)[0] == 200
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ConnectionRefusedError):
+            return False
+        raise
 
 
 def _db_figures(node: RunningNode) -> dict[str, Any]:
