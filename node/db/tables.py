@@ -325,6 +325,10 @@ class SendAttempt(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     outcome: Mapped[str] = mapped_column(String(16))
     detail: Mapped[str] = mapped_column(Text, default="")
+    # the status this attempt left its send in: "sent" or "failed" when it ended the send, "pending" when
+    # another attempt is due. Kept per attempt so that a count of ended sends never falls (a ``resend`` puts
+    # the send itself back to pending).
+    send_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
     send: Mapped[Send] = relationship(back_populates="attempts_log")
 

@@ -23,7 +23,7 @@ Families (all prefixed ``gradcam_node_``):
 ``decisions_total``                   counter    per ``model`` and ``decision`` (positive/negative)
 ``job_duration_seconds``              histogram  claim to results committed, done jobs
 ``analysis_seconds``                  histogram  per ``model``: its share of a batch's inference
-``sends_total``                       counter    sends ended ``sent``/``failed``, by ``status``
+``sends_total``                       counter    sends ended ``sent``/``failed`` (again after a resend)
 ``outbox_sends``                      gauge      sends ``pending``/``sending``, by ``status``
 ``send_attempts_total``               counter    C-STORE associations tried, by ``outcome``
 ``outbox_oldest_age_seconds``         gauge      age of the oldest send not yet sent (0: none)
@@ -305,11 +305,14 @@ class NodeCollector:
         yield per_model
 
     def _outbox(self, s: Session, now: datetime) -> Iterator[Metric]:
-        counts = _counts(s, Send.status)
-        ended = CounterMetricFamily(P + "sends", "Sends that ended, by final status", labels=["status"])
+        # counted from the attempts that ended a send, not from the sends' status now: a ``resend`` puts a
+        # send back to pending, and a counter must not fall
+        ends = _counts(s, SendAttempt.send_status)
+        ended = CounterMetricFamily(P + "sends", "Sends that ended, by status", labels=["status"])
         for status in (SendStatus.SENT, SendStatus.FAILED):
-            ended.add_metric([status.value], counts.get(status.value, 0))
+            ended.add_metric([status.value], ends.get(status.value, 0))
         yield ended
+        counts = _counts(s, Send.status)
         waiting = GaugeMetricFamily(P + "outbox_sends", "Sends not yet ended, by status", labels=["status"])
         for status in (SendStatus.PENDING, SendStatus.SENDING):
             waiting.add_metric([status.value], counts.get(status.value, 0))

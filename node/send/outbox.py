@@ -257,16 +257,6 @@ def record_attempt(
         attempts = session.scalar(_ATTEMPTS, {"send_id": work.send_id})
         if attempts is None:
             raise LookupError(f"send {work.send_id} vanished while it was being sent")
-        session.execute(
-            _RECORD_ATTEMPT,
-            {
-                "send_id": work.send_id,
-                "started_at": started_at,
-                "finished_at": finished_at,
-                "outcome": "sent" if ok else "failed",
-                "detail": detail,
-            },
-        )
         next_at: datetime | None = None
         if ok:
             status = SendStatus.SENT
@@ -275,6 +265,17 @@ def record_attempt(
         else:
             status = SendStatus.PENDING
             next_at = finished_at + timedelta(seconds=backoff_delay(attempts, cfg))
+        session.execute(
+            _RECORD_ATTEMPT,
+            {
+                "send_id": work.send_id,
+                "started_at": started_at,
+                "finished_at": finished_at,
+                "outcome": "sent" if ok else "failed",
+                "detail": detail,
+                "send_status": status.value,
+            },
+        )
         session.execute(
             _END_ATTEMPT,
             {

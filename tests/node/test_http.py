@@ -149,7 +149,12 @@ def world(tmp_path: Path, sessions: sessionmaker) -> World:
         )  # fmt: skip
         s.add(send)
         s.flush()
-        s.add(SendAttempt(send_id=send.id, outcome="failed", detail="connection refused", finished_at=now))
+        s.add(
+            SendAttempt(
+                send_id=send.id, outcome="failed", detail="connection refused", finished_at=now,
+                send_status="pending",
+            )
+        )  # fmt: skip
 
         sc_only = job("sc_only", JobStatus.DONE, 60, consensus=False, duration_ms=2500.0)
         out = Output(
@@ -166,7 +171,7 @@ def world(tmp_path: Path, sessions: sessionmaker) -> World:
         )  # fmt: skip
         s.add(sent)
         s.flush()
-        s.add(SendAttempt(send_id=sent.id, outcome="sent", detail="", finished_at=now))
+        s.add(SendAttempt(send_id=sent.id, outcome="sent", detail="", finished_at=now, send_status="sent"))
 
         job("queued", JobStatus.QUEUED, 120)
         job("running", JobStatus.RUNNING, 10)

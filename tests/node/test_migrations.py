@@ -186,8 +186,10 @@ def test_database_before_migrations_is_upgraded_in_place(tmp_path: Path, make_le
     create_schema(engine)
 
     assert _version(path) == migrations.head()
-    for table in ("associations", "results", "send_attempts"):
+    for table in ("associations", "results"):
         assert _dump(path, table) == before[table]
+    # + send_status (0006): the send is sent, and this was its last attempt
+    assert _dump(path, "send_attempts") == [row + ("sent",) for row in before["send_attempts"]]
     assert _dump(path, "instances") == [row + (None,) for row in before["instances"]]  # + purged_at
     # + content_key (0002), leased_by and lease_until (0004)
     assert _dump(path, "jobs") == [row + (None, None, None) for row in before["jobs"]]
@@ -323,6 +325,8 @@ def test_postgresql_sql_renders_offline() -> None:
     assert "UPDATE alembic_version SET version_num='0004'" in sql
     assert "CREATE TABLE workers" in sql
     assert "UPDATE alembic_version SET version_num='0005'" in sql
+    assert "ALTER TABLE send_attempts ADD COLUMN send_status VARCHAR(16);" in sql
+    assert "UPDATE alembic_version SET version_num='0006'" in sql
 
 
 def test_revision_0002_database_keeps_its_rows_through_0003_and_back(tmp_path: Path) -> None:
@@ -352,3 +356,38 @@ def test_revision_0002_database_keeps_its_rows_through_0003_and_back(tmp_path: P
     assert _version(path) == "0002"
     assert _schema_of(path) == schema_0002
     assert {table: _dump(path, table) for table in migrations.BASELINE_TABLES} == at_0002
+
+
+def test_revision_0006_marks_the_attempts_that_ended_their_sends(tmp_path: Path) -> None:
+    """Attempts recorded before 0006: the last attempt of a send that is sent or failed now ended it, every
+    other one left it pending; so the count of ended sends goes on from where it was."""
+    path = _with_rows(_legacy_from_ddl(tmp_path / "node.db"))  # send 1: sent, after one attempt
+    engine = make_engine(_url(path))
+    migrations.upgrade(engine, "0005")
+    engine.dispose()
+    with _sqlite(path) as db:
+        for send_id, status in ((2, "failed"), (3, "pending"), (4, "sent")):
+            db.execute(
+                "INSERT INTO sends (id, job_id, destination, ae_title, host, port, status, attempts,"
+                f" created_at) VALUES ({send_id}, 1, 'pacs{send_id}', 'PACS', 'h', 104, '{status}', 2,"
+                " '2024-05-01 10:00:00')"
+            )
+        for send_id, outcome in ((2, "failed"), (4, "failed"), (2, "failed"), (3, "failed"), (4, "sent")):
+            db.execute(
+                "INSERT INTO send_attempts (send_id, started_at, outcome, detail)"
+                f" VALUES ({send_id}, '2024-05-01 10:00:01', '{outcome}', '')"
+            )
+    engine = make_engine(_url(path))
+    migrations.upgrade(engine)
+    engine.dispose()
+    assert _version(path) == migrations.head()
+    with _sqlite(path) as db:
+        marked = db.execute("SELECT send_id, outcome, send_status FROM send_attempts ORDER BY id").fetchall()
+    assert marked == [
+        (1, "success", "sent"),
+        (2, "failed", "pending"),
+        (4, "failed", "pending"),
+        (2, "failed", "failed"),
+        (3, "failed", "pending"),
+        (4, "sent", "sent"),
+    ]

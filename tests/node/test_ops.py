@@ -195,6 +195,7 @@ class World:
                     finished_at=_ago(days),
                     outcome="sent" if status is SendStatus.SENT else "failed",
                     detail=last_error or "",
+                    send_status=status.value,
                 )
             )
             return send.id

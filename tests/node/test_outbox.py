@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
@@ -42,7 +43,9 @@ from node.db import (
     session_factory,
     utcnow,
 )
+from node.http.metrics import make_registry, render
 from node.ops.demo import port_is_free
+from node.ops.resend import resend
 from node.queue import JobSignal
 from node.send.association import SC_SOP_CLASS
 from node.send.echo import echo_command
@@ -477,6 +480,69 @@ def test_sender_missing_file_is_a_failed_attempt(factory: sessionmaker[Session],
         sender.stop()
         sender.join(10)
         scp.stop()
+
+
+def _ended_sends(factory: sessionmaker[Session], settings: Settings) -> dict[str, float]:
+    """``gradcam_node_sends_total`` by status, as a scrape of ``/metrics`` reads it."""
+    text = render(make_registry(factory, settings)).decode()
+    return {
+        sample.labels["status"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "gradcam_node_sends_total"
+    }
+
+
+def test_sends_counter_never_falls_when_sends_are_sent_again(
+    factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A resend puts a failed or sent send back to pending; the count of ended sends keeps every ending
+    (Prometheus reads a counter that falls as a reset)."""
+    port = _free_port()
+    outbox = OutboxConfig(max_attempts=2, backoff_initial_s=0.1, backoff_max_s=0.1)
+    settings = _settings(tmp_path, port, outbox)
+    settings = replace(settings, node=replace(settings.node, storage_dir=tmp_path))
+    send_id = _send(factory, port=port)
+    _add_sc_output(factory, send_id, tmp_path / "0.dcm", _sc_file(tmp_path / "0.dcm"))
+    with factory() as s:
+        job_id = s.get(Send, send_id).job_id
+
+    def resend_job() -> None:
+        with factory.begin() as s:
+            report = resend(s, settings, [job_id])
+        assert "pending again" in report.lines[0], report.lines
+        signal.notify()
+
+    signal = JobSignal()
+    sender = Sender(settings, factory, signal)
+    sender.start()
+    scp = None
+    try:
+        signal.notify()
+        _wait_for(lambda: _status(factory, send_id) == SendStatus.FAILED)  # nobody listens: 2 attempts
+        assert _ended_sends(factory, settings) == {"sent": 0, "failed": 1}
+        scp = _Scp(port)
+        resend_job()
+        assert _ended_sends(factory, settings) == {"sent": 0, "failed": 1}  # pending again: no fall
+        _wait_for(lambda: _status(factory, send_id) == SendStatus.SENT)
+        assert _ended_sends(factory, settings) == {"sent": 1, "failed": 1}
+        resend_job()
+        assert _ended_sends(factory, settings) == {"sent": 1, "failed": 1}
+        _wait_for(lambda: _status(factory, send_id) == SendStatus.SENT and len(scp.received) == 2)
+        assert _ended_sends(factory, settings) == {"sent": 2, "failed": 1}
+        with factory() as s:
+            attempts = s.scalars(select(SendAttempt).where(SendAttempt.send_id == send_id)).all()
+        assert [(a.outcome, a.send_status) for a in attempts] == [
+            ("failed", "pending"),
+            ("failed", "failed"),
+            ("sent", "sent"),
+            ("sent", "sent"),
+        ]
+    finally:
+        sender.stop()
+        sender.join(10)
+        if scp is not None:
+            scp.stop()
 
 
 def _status(factory: sessionmaker[Session], send_id: int) -> SendStatus:
