@@ -102,6 +102,11 @@ def _database_todo(reason: str, settings: Settings) -> str:
         return "another program holds it locked (another gradcam-node?): stop it, then start again"
     if "unable to open" in lowered or "readonly" in lowered:
         return f"the file cannot be opened for writing: check its folder and permissions, or {key}"
+    if "password" in lowered:  # PostgreSQL: "password authentication failed", "no password supplied"
+        return (
+            "give the database user's password to the node's user: PGPASSWORD in its environment, a line in"
+            f" its ~/.pgpass, or in {key}"
+        )
     if "could not parse" in lowered or "can't load plugin" in lowered:
         return f"fix {key} (e.g. sqlite:////var/lib/gradcam/node.db or postgresql+psycopg://user@host/db)"
     return f"check that the database server runs and accepts the URL's user and database, and {key}"

@@ -169,6 +169,20 @@ class PostgresServer:
             )
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
+    def add_password_user(self, name: str, password: str, database: str) -> None:
+        """A login role ``name`` that must give ``password`` (scram-sha-256) over TCP, owner of ``database``.
+        The server trusts every other user as before."""
+        from psycopg import sql
+
+        with self._admin() as conn:
+            role = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}")
+            conn.execute(role.format(sql.Identifier(name), sql.Literal(password)))
+            owner = sql.SQL("ALTER DATABASE {} OWNER TO {}")
+            conn.execute(owner.format(sql.Identifier(database), sql.Identifier(name)))
+            hba = self.data / "pg_hba.conf"  # the first line that matches decides
+            hba.write_text(f"host all {name} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+            conn.execute("SELECT pg_reload_conf()")
+
     # -- inside -----------------------------------------------------------------------------------
 
     @property

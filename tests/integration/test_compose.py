@@ -10,6 +10,7 @@ is checked the same way, and with `docker compose config` where the docker CLI h
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -452,24 +453,28 @@ def test_scale_postgres_service(scale: dict[str, Any]) -> None:
     assert test[0] == "CMD" and test[1] == "pg_isready", test
     args = dict(zip(test[2::2], test[3::2], strict=True))
     assert args == {"-h": "127.0.0.1", "-p": "5432", "-U": env["POSTGRES_USER"], "-d": env["POSTGRES_DB"]}
-    # the password to change is documented where it is set
+    # the password a site sets is documented where it is used
     lines = SCALE.read_text(encoding="utf-8").splitlines()
     line = next(ln for ln in lines if ln.strip().startswith("POSTGRES_PASSWORD:"))
-    assert "SITE" in line and "docker-scale.toml" in line
+    assert "SITE" in line and "GRADCAM_DB_PASSWORD" in line
 
 
-def test_scale_database_url_matches_postgres_env(scale: dict[str, Any]) -> None:
+# the password: one variable, required (no password ships), given to PostgreSQL and to the node's driver
+DB_PASSWORD = re.compile(r"\$\{GRADCAM_DB_PASSWORD:\?[^}]*GRADCAM_DB_PASSWORD[^}]*\.env[^}]*\}")
+
+
+def test_scale_database_url_matches_postgres_env(compose: dict[str, Any], scale: dict[str, Any]) -> None:
     from sqlalchemy.engine import make_url
 
     url = make_url(tomllib.loads(SCALE_TOML.read_text(encoding="utf-8"))["node"]["database_url"])
     env = _postgres_env(scale)
     assert url.drivername == "postgresql+psycopg"
     assert (url.host, url.port) == (POSTGRES_SERVICE, 5432)
-    assert (url.username, url.password, url.database) == (
-        env["POSTGRES_USER"],
-        env["POSTGRES_PASSWORD"],
-        env["POSTGRES_DB"],
-    )
+    assert (url.username, url.password, url.database) == (env["POSTGRES_USER"], None, env["POSTGRES_DB"])
+    assert DB_PASSWORD.fullmatch(env["POSTGRES_PASSWORD"]), env["POSTGRES_PASSWORD"]
+    for name in (NODE_SERVICE, WORKER_SERVICE):  # libpq reads PGPASSWORD: the URL names none
+        svc = _merged_service(compose, scale, name)
+        assert svc["environment"]["PGPASSWORD"] == env["POSTGRES_PASSWORD"], name
 
 
 def test_scale_receiver_and_workers_share_config_spool_and_checkpoints(
@@ -484,7 +489,10 @@ def test_scale_receiver_and_workers_share_config_spool_and_checkpoints(
         path = _config_path(svc)
         assert vols[path] == ("./config/docker-scale.toml", "ro")
         # the operator commands (docker compose exec ... gradcam-node jobs) read the same file
-        assert svc["environment"] == {"GRADCAM_NODE_CONFIG": path}
+        assert svc["environment"] == {
+            "GRADCAM_NODE_CONFIG": path,
+            "PGPASSWORD": _postgres_env(scale)["POSTGRES_PASSWORD"],
+        }
         assert _depends_on(svc)[POSTGRES_SERVICE] == {"condition": "service_healthy"}
     # a worker mounts what the receiver mounts, but for docker.toml (the single-container configuration)
     assert worker_vols == {t: v for t, v in node_vols.items() if v[0] != "./config/docker.toml"}
@@ -559,9 +567,16 @@ def _docker_compose() -> list[str]:
 def test_docker_compose_accepts_the_merged_files() -> None:
     """`docker compose config` (no engine needed) merges the two files as the tests above assume."""
     command = [*_docker_compose(), "-f", str(COMPOSE), "-f", str(SCALE), "config", "--format", "json"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "GRADCAM_DB_PASSWORD"}
+    unset = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert unset.returncode != 0 and "set GRADCAM_DB_PASSWORD" in unset.stderr, unset.stderr
+    env["GRADCAM_DB_PASSWORD"] = "pw-of-the-site"
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     services = json.loads(done.stdout)["services"]
+    for name in (NODE_SERVICE, WORKER_SERVICE):
+        assert services[name]["environment"]["PGPASSWORD"] == "pw-of-the-site"
+    assert services[POSTGRES_SERVICE]["environment"]["POSTGRES_PASSWORD"] == "pw-of-the-site"
     assert set(services) == {ORTHANC_SERVICE, NODE_SERVICE, POSTGRES_SERVICE, WORKER_SERVICE}
     node, worker = services[NODE_SERVICE], services[WORKER_SERVICE]
     assert node["depends_on"][ORTHANC_SERVICE]["condition"] == "service_started"

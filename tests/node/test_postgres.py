@@ -12,8 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -28,6 +30,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import sessionmaker
 
+from gradcam.config import CoreConfig
+from node.checks import StartError, open_database
+from node.config import NodeConfig, Settings
 from node.db import (
     Association,
     AssociationStatus,
@@ -404,3 +409,40 @@ def test_enums_stored_as_lowercase_strings_and_one_claim_wins(pg_sessions: sessi
     with pg_sessions() as s:
         assert s.scalar(select(Job.status).where(Job.id == job_id)) is JobStatus.RUNNING
         assert s.execute(text("SELECT status, attempts FROM jobs")).one() == ("running", 1)
+
+
+def test_password_comes_from_the_environment_not_only_the_url(
+    postgres_server: PostgresServer, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database user with a password (scram-sha-256): a URL without it works with PGPASSWORD in the
+    node's environment (as docker-compose.scale.yml gives it); without, the node says in one line where the
+    password goes, and never shows one."""
+    user = f"pw_{uuid.uuid4().hex[:8]}"
+    password = "s3cret/with@odd:chars"
+    postgres_server.add_password_user(user, password, make_url(pg_url).database)
+    url = make_url(pg_url).set(username=user).render_as_string(hide_password=False)
+    settings = Settings(
+        path=tmp_path / "node.toml",
+        core=CoreConfig(path=tmp_path / "node.toml", models=()),
+        node=NodeConfig(database_url=url),
+    )
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-pgpass"))
+    with pytest.raises(StartError) as refused:
+        open_database(settings)
+    message = str(refused.value)
+    assert "\n" not in message and "PGPASSWORD" in message and str(settings.path) in message, message
+
+    monkeypatch.setenv("PGPASSWORD", "wrong")
+    with pytest.raises(StartError, match="password authentication failed") as wrong:
+        open_database(settings)
+    assert "wrong" not in str(wrong.value).replace("password authentication failed", "")
+
+    monkeypatch.setenv("PGPASSWORD", password)
+    engine, sessions = open_database(settings)
+    try:
+        assert _version(engine) == migrations.head()
+        with sessions() as s:
+            assert s.scalar(text("SELECT current_user")) == user
+    finally:
+        engine.dispose()
