@@ -42,16 +42,9 @@ import pydicom  # noqa: E402
 import torch  # noqa: E402
 
 from node.config import load_settings  # noqa: E402
-from node.ops.demo import (  # noqa: E402
-    ORTHANC_BINARY,
-    STORESCU,
-    LocalOrthanc,
-    NodeProcess,
-    OrthancClient,
-    OrthancError,
-    derived_node_config,
-    free_port,
-)
+from node.ops.node_toml import derived_node_config  # noqa: E402
+from node.ops.orthanc import ORTHANC_BINARY, LocalOrthanc, OrthancClient  # noqa: E402
+from node.ops.peers import STORESCU, NodeProcess, PeerError, free_port  # noqa: E402
 
 __all__ = ["main"]
 
@@ -73,7 +66,7 @@ def send_one(path: Path, port: int, called_aet: str) -> float:
     cmd = [str(STORESCU), "-aet", "STORESCU", "-aec", called_aet, "127.0.0.1", str(port), str(path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
-        raise OrthancError(f"storescu failed on {path.name}: {done.stderr.strip()[-500:]}")
+        raise PeerError(f"storescu failed on {path.name}: {done.stderr.strip()[-500:]}")
     return time.time()
 
 
@@ -207,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         try:
             return run(args, work)
-        except OrthancError as exc:
+        except PeerError as exc:  # Orthanc's own errors too
             print(f"bench/e2e.py: {exc}", file=sys.stderr)
             return 2
 

@@ -58,7 +58,7 @@ from gradcam.phantoms import generate_dataset  # noqa: E402
 from gradcam.preprocess import load_image, to_model_input  # noqa: E402
 from node.config import load_settings  # noqa: E402
 from node.db import Instance, Job, JobStatus, Output, make_engine, session_factory  # noqa: E402
-from node.ops.demo import toml_value  # noqa: E402
+from node.ops.node_toml import toml_value  # noqa: E402
 from node.send.association import OUTPUT_SOP_CLASSES  # noqa: E402
 
 __all__ = ["main"]

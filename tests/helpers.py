@@ -27,7 +27,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from node.ops.demo import toml_value
+from node.ops.node_toml import toml_value
 
 __all__ = [
     "TEST_MODELS",

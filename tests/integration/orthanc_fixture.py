@@ -9,7 +9,7 @@ Use in a test module::
         orthanc.client.get_json("/system")
 
 The configuration is ``config/orthanc/orthanc.json`` with the ports, storage folder, Lua path and node address
-replaced (``node.ops.demo.local_orthanc_config``) and the routing script ``config/orthanc/autorouting.lua``
+replaced (``node.ops.orthanc.local_orthanc_config``) and the routing script ``config/orthanc/autorouting.lua``
 unchanged, so the tests exercise the files a site deploys.
 """
 
@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from node.ops.demo import ORTHANC_BINARY, STORESCU, LocalOrthanc, OrthancClient, free_port
+from node.ops.orthanc import ORTHANC_BINARY, LocalOrthanc, OrthancClient
+from node.ops.peers import STORESCU, free_port
 
 __all__ = [
     "require_orthanc",

@@ -25,10 +25,10 @@ import helpers
 import pytest
 
 from node.config import WorkerConfig, load_settings
-from node.ops.demo import (
+from node.ops.node_toml import derived_node_config
+from node.ops.orthanc import (
     ORTHANC_CONFIG,
     ORTHANC_LUA,
-    derived_node_config,
     load_orthanc_config,
     local_orthanc_config,
     lua_setting,

@@ -22,15 +22,10 @@ import pytest
 
 from gradcam.config import DEFAULT_CONFIG
 from node.config import load_settings
-from node.ops.demo import (
-    OrthancClient,
-    _demo_ports,
-    demo_state_dir,
-    derived_node_config,
-    free_port,
-    node_command,
-    run_demo,
-)
+from node.ops.demo import _demo_ports, demo_state_dir, node_command, run_demo
+from node.ops.node_toml import derived_node_config
+from node.ops.orthanc import OrthancClient
+from node.ops.peers import free_port
 from tests.integration.orthanc_fixture import require_orthanc
 
 

@@ -30,7 +30,8 @@ from sqlalchemy.orm import selectinload
 
 from node.config import OutputsConfig
 from node.db import Job, JobStatus, Send, SendStatus
-from node.ops.demo import LocalOrthanc, OrthancError, compress, free_port, storescu
+from node.ops.orthanc import LocalOrthanc
+from node.ops.peers import PeerError, compress, free_port, storescu
 from tests.integration.orthanc_fixture import (
     OrthancFactory,
     orthanc_factory_fixture,  # noqa: F401  (the fixture "orthanc_factory")
@@ -139,7 +140,7 @@ def test_lua_routes_chest_cr_dx_only(
     upload = helpers.image_dataset(modality="DX", seed=9)
     orthanc.client.upload(helpers.write_dataset(upload, tmp_path / "up.dcm").read_bytes())
     # a modality missing from DicomModalities may not store at all
-    with pytest.raises(OrthancError, match="storescu exit"):
+    with pytest.raises(PeerError, match="storescu exit"):
         storescu([files["cr_chest"]], orthanc.dicom_port, orthanc.aet, "INTRUDER")
 
     expected = {_orthanc_id(orthanc, ds.SOPInstanceUID): verdict for ds, verdict in cases.values()}
@@ -379,7 +380,7 @@ VIEWER_SEED = 31
 def _demo_node(base: Path, orthanc_port: int, **overrides: Any) -> RunningNode:
     """A node on the shipped configuration (the committed demo checkpoints), results to Orthanc."""
     from gradcam.config import DEFAULT_CONFIG
-    from node.ops.demo import derived_node_config
+    from node.ops.node_toml import derived_node_config
 
     port = overrides.get("node", {}).get("port") or free_port()
     values: dict[str, Any] = {

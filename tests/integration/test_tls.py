@@ -45,7 +45,7 @@ from node.db import (
     make_engine,
     session_factory,
 )
-from node.ops.demo import load_orthanc_config
+from node.ops.orthanc import load_orthanc_config
 from node.queue import JobSignal
 from node.receive.scp import start_scp
 from node.send.echo import echo

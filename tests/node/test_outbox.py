@@ -44,7 +44,7 @@ from node.db import (
     utcnow,
 )
 from node.http.metrics import make_registry, render
-from node.ops.demo import port_is_free
+from node.ops.peers import port_is_free
 from node.ops.resend import resend
 from node.queue import JobSignal
 from node.send.association import SC_SOP_CLASS
