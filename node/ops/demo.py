@@ -24,6 +24,7 @@ from node.ops.node_toml import derived_node_config
 from node.ops.orthanc import (
     ORTHANC_BINARY,
     ORTHANC_LUA,
+    SR_CLASS_PREFIX,
     LocalOrthanc,
     OrthancClient,
     OrthancError,
@@ -177,30 +178,8 @@ def _announce_status_page(config: Path) -> None:
         print(f"the node's status page: http://{host}:{http.port}/", flush=True)
 
 
-_SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 _SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 _SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-
-
-def _has_results(client: OrthancClient, study_uid: str) -> bool:
-    """The study holds an SR of the node and every object that SR lists as evidence."""
-    from io import BytesIO
-
-    import pydicom
-
-    instances = client.study_instances(study_uid)
-    held = {i["SOPInstanceUID"] for i in instances}
-    for sr in (i for i in instances if i["SOPClassUID"].startswith(_SR_PREFIX)):
-        ds = pydicom.dcmread(BytesIO(client.instance_file(sr["ID"])), stop_before_pixels=True)
-        listed = {
-            str(ref.ReferencedSOPInstanceUID)
-            for evidence in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
-            for series in evidence.ReferencedSeriesSequence
-            for ref in series.ReferencedSOPSequence
-        }
-        if listed and listed <= held:
-            return True
-    return False
 
 
 def _wait_for_results(
@@ -215,7 +194,7 @@ def _wait_for_results(
     done: set[str] = set()
     while time.monotonic() < deadline:
         for s in studies:
-            if s.study_uid not in done and _has_results(client, s.study_uid):
+            if s.study_uid not in done and client.holds_results(s.study_uid):
                 done.add(s.study_uid)
                 print(f"  results for {s.path.name} are in Orthanc ({len(done)}/{len(studies)})", flush=True)
         if len(done) == len(studies):
@@ -282,7 +261,7 @@ def _summary(client: OrthancClient, study: DemoStudy) -> list[str]:
     truth = "consolidation" if study.positive else "no consolidation"
     lines = [f"{study.path.name}: {study.modality}, {study.encoding}, phantom truth: {truth}"]
     instances = client.study_instances(study.study_uid)
-    srs = [i for i in instances if i["SOPClassUID"].startswith(_SR_PREFIX)]
+    srs = [i for i in instances if i["SOPClassUID"].startswith(SR_CLASS_PREFIX)]
     scs = [i for i in instances if i["SOPClassUID"] == _SC_CLASS]
     segs = [i for i in instances if i["SOPClassUID"] == _SEG_CLASS]
     if not srs:

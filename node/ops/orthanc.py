@@ -26,6 +26,7 @@ __all__ = [
     "ORTHANC_CONFIG",
     "ORTHANC_LUA",
     "OrthancError",
+    "SR_CLASS_PREFIX",
     "strip_json_comments",
     "load_orthanc_config",
     "lua_setting",
@@ -37,6 +38,7 @@ __all__ = [
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
 ORTHANC_CONFIG = REPO_ROOT / "config" / "orthanc" / "orthanc.json"
 ORTHANC_LUA = REPO_ROOT / "config" / "orthanc" / "autorouting.lua"
+SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # every Structured Report storage class
 
 
 class OrthancError(PeerError):
@@ -206,6 +208,27 @@ class OrthancClient:
     def instance_file(self, instance_id: str) -> bytes:
         """The DICOM file of an instance, as stored."""
         return self.get_bytes(f"/instances/{instance_id}/file")
+
+    def holds_results(self, study_uid: str) -> bool:
+        """Whether the study holds an SR of the node and every object that SR lists as evidence: the node's
+        results for an image are all there, whatever kinds the configuration makes."""
+        from io import BytesIO
+
+        import pydicom
+
+        instances = self.study_instances(study_uid)
+        held = {i["SOPInstanceUID"] for i in instances}
+        for sr in (i for i in instances if i["SOPClassUID"].startswith(SR_CLASS_PREFIX)):
+            ds = pydicom.dcmread(BytesIO(self.instance_file(sr["ID"])), stop_before_pixels=True)
+            listed = {
+                str(ref.ReferencedSOPInstanceUID)
+                for evidence in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+                for series in evidence.ReferencedSeriesSequence
+                for ref in series.ReferencedSOPSequence
+            }
+            if listed and listed <= held:
+                return True
+        return False
 
 
 # --- local Orthanc process ----------------------------------------------------------------------------------
