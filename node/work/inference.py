@@ -35,6 +35,7 @@ __all__ = [
     "InferenceProcess",
     "ModelError",
     "ModelStartError",
+    "ModelsChangedError",
     "resolve_device",
 ]
 
@@ -73,6 +74,13 @@ class DeviceError(GradcamError):
 class ModelStartError(RuntimeError):
     """The model process did not start for a reason other than a model's own error (those, e.g.
     :class:`~gradcam.errors.CheckpointMissingError`, are raised as they are)."""
+
+
+class ModelsChangedError(RuntimeError):
+    """A restarted model process loaded other weights than the worker started with (a checkpoint file was
+    replaced meanwhile). The worker's outputs name the first ones (UIDs, versions, thresholds), so it must
+    not use these: it stops, and a new worker starts with the new checkpoints. A RuntimeError: the batch's
+    jobs are tried again."""
 
 
 def _portable(exc: BaseException) -> BaseException | str:
@@ -218,8 +226,26 @@ class InferenceProcess:
                 raise detail
             raise ModelStartError(f"cannot load the models: {detail}")
         infos, self.device = detail
+        changed = self._changed(infos)
+        if changed:
+            _end(proc, parent)
+            raise ModelsChangedError(
+                f"{changed} changed on disk since this worker started: it stops rather than analyse with "
+                "weights its outputs do not name; a new worker (serve starts one) uses the new checkpoint"
+            )
         self._proc, self._conn, self.models = proc, parent, list(infos)
         log.info("model process %d ready on %s (%d torch threads)", proc.pid, self.device, self.threads)
+
+    def _changed(self, infos: list[LoadedModelInfo]) -> str:
+        """The models whose checkpoint differs from the one first loaded, as words ("" when none: a first
+        start, or a restart with the same files)."""
+        before = {m.cfg.name: m.sha256 for m in self.models}
+        return ", ".join(
+            f"the checkpoint of {m.cfg.name} ({m.cfg.checkpoint}: sha256 {before[m.cfg.name][:12]} -> "
+            f"{m.sha256[:12]})"
+            for m in infos
+            if m.cfg.name in before and before[m.cfg.name] != m.sha256
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the child to exit (after the batch it is running) and wait; kill it if it does not."""
@@ -227,15 +253,7 @@ class InferenceProcess:
         self._proc = self._conn = None
         if proc is None or conn is None:
             return
-        try:
-            conn.send(None)
-        except OSError:
-            pass
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-        conn.close()
+        _end(proc, conn, timeout)
 
     @property
     def alive(self) -> bool:
@@ -285,3 +303,16 @@ class InferenceProcess:
         if self._conn is not None:
             self._conn.close()
         self._proc = self._conn = None
+
+
+def _end(proc: Any, conn: Connection, timeout: float = 10.0) -> None:
+    """Ask a model process to exit (after the batch it is running) and wait; kill it if it does not."""
+    try:
+        conn.send(None)
+    except OSError:
+        pass
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+    conn.close()

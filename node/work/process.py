@@ -110,7 +110,8 @@ def run_worker(
         code = 0
         while not stop.wait(0.5):
             if not worker.is_alive():
-                log.error("worker thread ended unexpectedly; stopping the process")
+                why = worker.stopped_because or "worker thread ended unexpectedly"
+                log.error("%s; stopping the process", why)
                 code = 1
                 break
         log.info("stopping: finishing the batches in flight")

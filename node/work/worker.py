@@ -29,7 +29,7 @@ from node.queue import JobSignal, Notifier
 from node.work.batch import Batch, collect, prepare, submit
 from node.work.claim import claim_jobs, next_job_due
 from node.work.finish import Finisher
-from node.work.inference import InferenceProcess
+from node.work.inference import InferenceProcess, ModelsChangedError
 from node.work.presence import Presence
 from node.work.warmup import warm_up_source
 
@@ -86,6 +86,7 @@ class Worker:
         self.leases = LeaseKeeper(sessionmaker, self.holder, cfg.lease_s, self._held)
         self.doorbell = Listener(settings.database_url, JOBS, job_signal.notify)  # PostgreSQL only
         self._stop = threading.Event()
+        self.stopped_because: str | None = None  # why the worker stopped on its own, if it did
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
 
     def start(self) -> None:
@@ -157,6 +158,7 @@ class Worker:
                     collect(inflight, self.models)
                 if new is not None:
                     submit(new, self.models)
+                    self._stop_if_models_changed(new)
                 if inflight is not None:
                     self._finish(inflight)
                 inflight = new
@@ -177,6 +179,15 @@ class Worker:
             if not self._stop.is_set():
                 self.job_signal.wait(timeout)
         log.info("worker stopped")
+
+    def _stop_if_models_changed(self, batch: Batch) -> None:
+        """A checkpoint replaced on disk showed when the model process restarted: this worker's outputs
+        would name the old one, so it finishes this batch (its jobs are retried) and stops."""
+        changed = next((i.error for i in batch.items if isinstance(i.error, ModelsChangedError)), None)
+        if changed is not None and not self._stop.is_set():
+            self.stopped_because = str(changed)
+            log.error("worker %s stops: %s", self.holder, changed)
+            self._stop.set()
 
     def _wait_time(self) -> float:
         """Until the next scheduled retry or lease expiry, at most ``[worker] poll_s``."""

@@ -921,6 +921,58 @@ def test_worker_replaces_a_dead_model_process(
     assert not second.is_alive(), "the model process ends with the worker"
 
 
+def test_worker_stops_when_a_restarted_model_process_finds_another_checkpoint(
+    factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A checkpoint replaced on disk while the node runs shows only when the model process restarts: the
+    worker's outputs would still name the old weights (UIDs, version, threshold), so it never analyses with
+    the new ones. Its batch goes back to the queue and it stops; a new worker (as serve's pool starts it)
+    analyses the job with the new checkpoint and names it."""
+    settings = _worker_settings(tmp_path)
+    checkpoint = settings.core.models[0].checkpoint
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    job_signal, send_signal = JobSignal(), JobSignal()
+    worker = Worker(settings, factory, job_signal, send_signal)
+    (old,) = worker.models.models
+    worker.start()
+    try:
+        first = worker.models._proc
+        os.kill(first.pid, signal_module.SIGKILL)
+        first.join(10)
+        torch.manual_seed(1)  # other weights, the same architecture
+        save_checkpoint(build_model(settings.core.models[0]), checkpoint, {"test": "retrained"})
+        ds = _dx_file(spool / "a.dcm", 1)
+        job_id = _job(factory, sop_uid=ds.SOPInstanceUID, path=spool / "a.dcm", reply_ae="PACS")
+        job_signal.notify()
+        _wait_for(lambda: not worker.is_alive(), timeout=120)
+    finally:
+        worker.stop()
+        worker.join(60)
+    assert worker.stopped_because is not None and "changed on disk" in worker.stopped_because
+    assert f"{old.sha256[:12]} -> " in worker.stopped_because
+    assert worker.models.models == [old]  # never replaced by the new weights' description
+    with factory() as s:
+        job = s.get(Job, job_id)
+        assert job.status == JobStatus.QUEUED and "changed on disk" in (job.reason or ""), job.reason
+        assert not s.scalars(select(Result).where(Result.job_id == job_id)).all()
+
+    again = Worker(settings, factory, job_signal, send_signal)
+    (new,) = again.models.models
+    assert new.sha256 != old.sha256
+    again.start()
+    try:
+        job_signal.notify()
+        _wait_for(lambda: _settled(factory), timeout=120)
+    finally:
+        again.stop()
+        again.join(60)
+    with factory() as s:
+        assert s.get(Job, job_id).status == JobStatus.DONE
+        (result,) = s.scalars(select(Result).where(Result.job_id == job_id)).all()
+        assert result.checkpoint_sha256 == new.sha256
+
+
 def test_model_process_death_mid_batch_is_a_transient_error(tmp_path: Path) -> None:
     """A child killed while it runs a batch: collect() raises RuntimeError (the worker retries the jobs),
     and the next submit starts a new child that answers."""
