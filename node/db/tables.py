@@ -172,6 +172,9 @@ class Instance(Base):
     status: Mapped[InstanceStatus] = mapped_column(_enum(InstanceStatus), default=InstanceStatus.STORED)
     # when the spool file was deleted by `gradcam-node purge` or [retention] (the row stays); None: kept
     purged_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # 1 as first received; +1 each time the same SOP Instance UID comes with other content (another
+    # patient, study or pixels: node.receive.revision), whose file :attr:`path` then names
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
     jobs: Mapped[list[Job]] = relationship(back_populates="instance", order_by="Job.id")
 

@@ -23,13 +23,20 @@ from gradcam.config import ModelConfig, RenderConfig
 from node.config import OutputsConfig
 from node.outputs.common import SOFTWARE_VERSION
 
-__all__ = ["ModelIdentity", "OutputContext", "checkpoint_version"]
+__all__ = ["ModelIdentity", "OutputContext", "checkpoint_version", "revised_key"]
 
 
 def _digest(value: object) -> str:
     # JSON keeps the fields apart unambiguously; sorted keys make it independent of declaration order
     text = json.dumps(value, sort_keys=True, ensure_ascii=True, default=str)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def revised_key(content_key: str, revision: int) -> str:
+    """The content key of the outputs of a source's ``revision`` (1: as first received; a higher one when
+    the same SOP Instance UID came again with other content, :mod:`node.receive.revision`): the key itself
+    for the first, another for each later one, so that new content never takes an old output's UID."""
+    return content_key if revision <= 1 else _digest([content_key, "source revision", revision])
 
 
 def checkpoint_version(checkpoint_sha256: str) -> str:
@@ -78,6 +85,7 @@ class OutputContext:
     outputs: OutputsConfig
     device_uid: str
     software_version: str = SOFTWARE_VERSION
+    source_revision: int = 1  # the revision of the source image these outputs are made from
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -113,4 +121,11 @@ class OutputContext:
     def content_key(self) -> str:
         """What decides every output's content: the findings, how maps are drawn, which outputs are made
         and how they are labelled."""
-        return _digest([self.analysis_key, dataclasses.asdict(self.render), dataclasses.asdict(self.outputs)])
+        key = _digest([self.analysis_key, dataclasses.asdict(self.render), dataclasses.asdict(self.outputs)])
+        return revised_key(key, self.source_revision)
+
+    def of_revision(self, revision: int) -> OutputContext:
+        """This context for the outputs of a source's ``revision`` (itself for the first)."""
+        return (
+            self if revision == self.source_revision else dataclasses.replace(self, source_revision=revision)
+        )

@@ -15,15 +15,18 @@ import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Row, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from gradcam.errors import GradcamError
 from node.db import Association, AssociationStatus, Instance, Job, JobStatus, utcnow
 from node.db.doorbell import JOBS, ring
+from node.outputs.identity import revised_key
 from node.queue import JobSignal
+from node.receive.revision import differences
 from node.receive.spool import free_bytes, instance_path, write_atomic
 
 __all__ = [
@@ -72,6 +75,7 @@ class StoreOutcome(enum.StrEnum):
 
     STORED = "stored"
     DUPLICATE = "duplicate"
+    REVISED = "revised"  # a known SOP Instance UID with other content: a new revision of the instance
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,15 @@ class StoreResult:
 
 # Statements that run for every instance received, built once (SQLAlchemy then finds their compiled form
 # without walking a new statement each time).
-_KNOWN_INSTANCE = select(Instance.id, Instance.path).where(Instance.sop_instance_uid == bindparam("uid"))
+_KNOWN_INSTANCE = select(
+    Instance.id,
+    Instance.path,
+    Instance.revision,
+    Instance.sop_class_uid,
+    Instance.study_instance_uid,
+    Instance.series_instance_uid,
+    Instance.patient_id,
+).where(Instance.sop_instance_uid == bindparam("uid"))
 _RECEIVED_AGAIN = (
     update(Instance)
     .where(Instance.id == bindparam("instance_id"))
@@ -160,7 +172,11 @@ class InstanceStore:
 
         An instance already recorded is not written again: its ``times_received`` goes up (outcome
         ``duplicate``), and it gets a new job only if its latest results were made with another
-        configuration than the node's current one (the new results then supersede the old).
+        configuration than the node's current one (the new results then supersede the old). If it comes
+        with other content (another patient, study or pixels: :func:`node.receive.revision.differences`)
+        it is a new revision (outcome ``revised``): written next to the old file, which stays, recorded as
+        the instance's content now, and analysed again; its results get UIDs of their own and supersede
+        the old ones.
 
         Raises
         ------
@@ -171,12 +187,15 @@ class InstanceStore:
         with self._lock_for(rec.sop_instance_uid):
             dup = self._count_duplicate(rec)
             if dup is not None:
-                self._restore_purged(dup[0], Path(dup[1]), data)
-                again = self._reanalyse(dup[0], rec)
+                changed = _changes(dup, rec, data)
+                if changed:
+                    return self._revise(dup, rec, data, changed)
+                self._restore_purged(dup.id, Path(dup.path), data)
+                again = self._reanalyse(dup.id, rec, dup.revision)
                 if again is not None:
                     self.job_signal.notify()
                 return StoreResult(
-                    StoreOutcome.DUPLICATE, dup[0], Path(dup[1]), again, again and JobStatus.QUEUED
+                    StoreOutcome.DUPLICATE, dup.id, Path(dup.path), again, again and JobStatus.QUEUED
                 )
             self.check_space(len(data))
             try:
@@ -190,7 +209,7 @@ class InstanceStore:
                 dup = self._count_duplicate(rec)
                 if dup is None:
                     raise OutOfResourcesError("database refused the instance and holds no copy") from None
-                return StoreResult(StoreOutcome.DUPLICATE, dup[0], Path(dup[1]))
+                return StoreResult(StoreOutcome.DUPLICATE, dup.id, Path(dup.path))
             except SQLAlchemyError as exc:
                 path.unlink(missing_ok=True)  # no row points at it; a retry writes it again
                 raise OutOfResourcesError(f"database error: {exc.__class__.__name__}: {exc}") from exc
@@ -198,8 +217,8 @@ class InstanceStore:
             self.job_signal.notify()
         return result
 
-    def _count_duplicate(self, rec: Received) -> tuple[int, str] | None:
-        """If the instance is known, count this reception and return (instance id, path)."""
+    def _count_duplicate(self, rec: Received) -> Row[Any] | None:
+        """If the instance is known, count this reception and return its row (:data:`_KNOWN_INSTANCE`)."""
         try:
             with self.sessions.begin() as s:
                 # select then update (no UPDATE ... RETURNING: not every backend has it); the increment
@@ -207,9 +226,9 @@ class InstanceStore:
                 row = s.execute(_KNOWN_INSTANCE, {"uid": rec.sop_instance_uid}).first()
                 if row is None:
                     return None
-                s.execute(_RECEIVED_AGAIN, {"instance_id": row[0]})
+                s.execute(_RECEIVED_AGAIN, {"instance_id": row.id})
                 _bump_association(s, rec.association_id, received=1)
-                return int(row[0]), str(row[1])
+                return row
         except SQLAlchemyError as exc:
             raise OutOfResourcesError(f"database error: {exc.__class__.__name__}: {exc}") from exc
 
@@ -227,20 +246,17 @@ class InstanceStore:
             raise OutOfResourcesError(f"cannot restore {path}: {exc.__class__.__name__}: {exc}") from exc
         log.info("instance file %s was purged and is written again (received again)", path)
 
-    def _reanalyse(self, instance_id: int, rec: Received) -> int | None:
+    def _reanalyse(self, instance_id: int, rec: Received, revision: int) -> int | None:
         """Queue a new job for a received-again instance whose latest results are stale; its id, or None."""
         if self.content_key is None or not rec.analysable:
             return None
+        current = revised_key(self.content_key, revision)
         try:
             with self.sessions.begin() as s:
                 latest = s.scalars(
                     select(Job).where(Job.instance_id == instance_id).order_by(Job.id.desc()).limit(1)
                 ).first()
-                if (
-                    latest is None
-                    or latest.status != JobStatus.DONE
-                    or latest.content_key == self.content_key
-                ):
+                if latest is None or latest.status != JobStatus.DONE or latest.content_key == current:
                     return None
                 now = utcnow()
                 job = Job(
@@ -261,6 +277,81 @@ class InstanceStore:
                 return int(job.id)
         except SQLAlchemyError as exc:
             raise OutOfResourcesError(f"database error: {exc.__class__.__name__}: {exc}") from exc
+
+    def _revise(self, known: Row[Any], rec: Received, data: bytes, changed: list[str]) -> StoreResult:
+        """Record other content received for a known instance as its next revision, with a job for it (none
+        when its latest job is still queued: that one reads the new file when a worker claims it)."""
+        revision = int(known.revision) + 1
+        first = instance_path(self.storage_dir, rec.study_instance_uid, rec.sop_instance_uid)
+        path = first.with_name(f"{rec.sop_instance_uid}.r{revision}.dcm")
+        self.check_space(len(data))
+        try:
+            write_atomic(path, data)
+        except OSError as exc:
+            raise OutOfResourcesError(f"cannot write {path}: {exc}") from exc
+        what = ", ".join(changed)
+        now = utcnow()
+        try:
+            with self.sessions.begin() as s:
+                s.execute(
+                    update(Instance)
+                    .where(Instance.id == known.id)
+                    .values(
+                        sop_class_uid=rec.sop_class_uid,
+                        study_instance_uid=rec.study_instance_uid,
+                        series_instance_uid=rec.series_instance_uid,
+                        patient_id=rec.patient_id,
+                        modality=rec.modality,
+                        transfer_syntax=rec.transfer_syntax,
+                        path=str(path),
+                        size_bytes=len(data),
+                        revision=revision,
+                        purged_at=None,
+                    )
+                )
+                latest = s.execute(
+                    select(Job.id, Job.status)
+                    .where(Job.instance_id == known.id)
+                    .order_by(Job.id.desc())
+                    .limit(1)
+                ).first()
+                if latest is not None and latest.status is JobStatus.QUEUED:
+                    job_id, status = int(latest.id), JobStatus.QUEUED
+                else:
+                    status = JobStatus.QUEUED if rec.analysable else JobStatus.SKIPPED
+                    reason = (
+                        f"received again with other content ({what}): revision {revision}, analysed again"
+                        if rec.analysable
+                        else rec.skip_reason
+                    )
+                    job = {
+                        "instance_id": known.id,
+                        "status": status,
+                        "reason": reason,
+                        "attempts": 0,
+                        "reply_ae": rec.calling_ae,
+                        "created_at": now,
+                        "finished_at": None if rec.analysable else now,
+                    }
+                    (job_id,) = s.execute(_INSERT_JOB, job).inserted_primary_key
+                    if status is JobStatus.QUEUED:
+                        ring(s, JOBS)
+        except SQLAlchemyError as exc:
+            path.unlink(missing_ok=True)  # the row still names the file before; a retry writes it again
+            raise OutOfResourcesError(f"database error: {exc.__class__.__name__}: {exc}") from exc
+        log.warning(
+            "instance %s received again with other content (%s): revision %d kept as %s, job %s %s; the "
+            "file before stays",
+            rec.sop_instance_uid,
+            what,
+            revision,
+            path.name,
+            job_id,
+            status.value,
+        )
+        if status is JobStatus.QUEUED:
+            self.job_signal.notify()
+        return StoreResult(StoreOutcome.REVISED, int(known.id), path, int(job_id), status)
 
     def _record(self, rec: Received, path: Path, size: int) -> StoreResult:
         now = utcnow()
@@ -296,6 +387,21 @@ class InstanceStore:
             if status is JobStatus.QUEUED:
                 ring(s, JOBS)  # workers on other machines (PostgreSQL)
             return StoreResult(StoreOutcome.STORED, instance_id, path, job_id, status)
+
+
+def _changes(known: Row[Any], rec: Received, data: bytes) -> list[str]:
+    """What differs between the instance as the node has it and as received now ([] when the same)."""
+    path = Path(known.path)
+    if path.is_file():
+        return differences(path, data)
+    # the file was purged: what the row says of it is all there is to compare
+    pairs = (
+        ("SOPClassUID", known.sop_class_uid, rec.sop_class_uid),
+        ("StudyInstanceUID", known.study_instance_uid, rec.study_instance_uid),
+        ("SeriesInstanceUID", known.series_instance_uid, rec.series_instance_uid),
+        ("PatientID", known.patient_id, rec.patient_id),
+    )
+    return [name for name, before, now in pairs if (before or "") != (now or "")]
 
 
 def _bump_association(s: object, association_id: int | None, received: int = 0, failed: int = 0) -> None:

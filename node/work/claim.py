@@ -34,6 +34,7 @@ class ClaimedJob:
     sop_instance_uid: str
     path: Path
     started_at: datetime
+    revision: int = 1  # of the source image (node.receive.revision): its outputs' UIDs depend on it
 
 
 def _claimable(now: object):  # noqa: ANN202 - an SQLAlchemy boolean clause
@@ -53,7 +54,15 @@ def _died_reason(attempts: int, earlier: str | None) -> str:
 
 # claim_jobs' statements, built once: they run for every batch
 _CLAIMABLE = (
-    select(Job.id, Job.attempts, Job.reason, Job.reply_ae, Instance.sop_instance_uid, Instance.path)
+    select(
+        Job.id,
+        Job.attempts,
+        Job.reason,
+        Job.reply_ae,
+        Instance.sop_instance_uid,
+        Instance.path,
+        Instance.revision,
+    )
     .join(Instance, Instance.id == Job.instance_id)
     .where(_claimable(bindparam("now")))
     .order_by(Job.id)
@@ -107,12 +116,12 @@ def claim_jobs(
     claimed: list[ClaimedJob] = []
     with factory.begin() as s:
         rows = s.execute(_CLAIMABLE, {"now": now, "limit": limit}).all()
-        for job_id, attempts, reason, reply_ae, uid, path in rows:
+        for job_id, attempts, reason, reply_ae, uid, path, revision in rows:
             if attempts >= max_attempts:
                 s.execute(_DIED, {"job_id": job_id, "why": _died_reason(attempts, reason), "now": now})
                 continue
             s.execute(_CLAIM, {"job_id": job_id, "attempt": attempts + 1, **lease})
-            claimed.append(ClaimedJob(job_id, attempts + 1, reply_ae, uid, Path(path), now))
+            claimed.append(ClaimedJob(job_id, attempts + 1, reply_ae, uid, Path(path), now, revision))
     return claimed
 
 

@@ -70,12 +70,13 @@ class Finisher:
     def _complete(self, item: Item) -> bool:
         """Build and write the outputs and record the job as done; True if a send was queued."""
         assert item.source is not None and item.image is not None and item.analysis is not None
-        job, analysis, ctx = item.job, item.analysis, self.context
+        job, analysis = item.job, item.analysis
+        ctx = self.context.of_revision(job.revision)  # a source received again with other content
         with self.factory() as s:
             predecessor = predecessor_of(s, job.job_id, ctx.content_key)
             before = None if predecessor is None else str(predecessor.SOPInstanceUID)
             numbers = instance_numbers(s, plan_outputs(item.source, analysis, ctx, before))
-        built = self._build(item.source, item.image, analysis, numbers, predecessor)
+        built = self._build(item.source, item.image, analysis, ctx, numbers, predecessor)
         rows = write_outputs(self.settings.node.storage_dir, job.sop_instance_uid, built)
         dest = self.settings.destination_for_caller(job.reply_ae)
         duration_ms = (time.perf_counter() - item.t0) * 1000.0
@@ -103,12 +104,13 @@ class Finisher:
         source: pydicom.Dataset,
         image: SourceImage,
         analysis: AnalysisResult,
+        ctx: OutputContext,
         numbers: dict[str, int],
         predecessor: pydicom.Dataset | None,
     ) -> list[Built]:
         """The outputs of one image; PermanentError if they cannot be made from it."""
         try:
-            return build_outputs(source, image, analysis, self.context, numbers, predecessor)
+            return build_outputs(source, image, analysis, ctx, numbers, predecessor)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise PermanentError(f"cannot build outputs: {describe(exc)}") from exc
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -49,7 +52,11 @@ _JOB_ID = bindparam("job_id")
 _INSTANCE_OF_JOB = select(Job.instance_id).where(Job.id == _JOB_ID)
 _PREDECESSOR = (
     select(
-        Output.series_instance_uid, Output.sop_class_uid, Output.sop_instance_uid, Instance.study_instance_uid
+        Output.series_instance_uid,
+        Output.sop_class_uid,
+        Output.sop_instance_uid,
+        Output.path,
+        Instance.study_instance_uid,
     )
     .join(Job, Job.id == Output.job_id)
     .join(Instance, Instance.id == Job.instance_id)
@@ -79,11 +86,22 @@ def predecessor_of(session: Session, job_id: int, content_key: str) -> Dataset |
     if row is None:
         return None
     header = Dataset()
-    header.StudyInstanceUID = row.study_instance_uid
+    header.StudyInstanceUID = _study_of(Path(row.path), row.study_instance_uid)
     header.SeriesInstanceUID = row.series_instance_uid
     header.SOPClassUID = row.sop_class_uid
     header.SOPInstanceUID = row.sop_instance_uid
     return header
+
+
+def _study_of(sr_path: Path, instance_study: str) -> str:
+    """The study an earlier SR was filed in: its own file says (the image may have moved to another study
+    since: a revision, :mod:`node.receive.revision`); the image's study now if the file is gone."""
+    try:
+        return str(
+            dcmread(sr_path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID
+        )
+    except (OSError, InvalidDicomError, AttributeError):
+        return instance_study
 
 
 _KNOWN_NUMBERS = (

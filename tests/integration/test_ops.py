@@ -54,10 +54,14 @@ def _cli(node: RunningNode, *args: str) -> subprocess.CompletedProcess[str]:
 def _store(node: RunningNode, tmp: Path, name: str, seed: int) -> str:
     """C-STORE one synthetic chest DX with DCMTK storescu; its SOP Instance UID."""
     ds = helpers.image_dataset(size=96, seed=seed)
-    path = helpers.write_dataset(ds, tmp / "inputs" / f"{name}.dcm")
+    _send_file(node, helpers.write_dataset(ds, tmp / "inputs" / f"{name}.dcm"))
+    return str(ds.SOPInstanceUID)
+
+
+def _send_file(node: RunningNode, path: Path) -> None:
+    """C-STORE one file with DCMTK storescu."""
     done = run_tool([dcmtk("storescu"), "-aec", node.ae_title, "127.0.0.1", str(node.port), path])
     assert done.returncode == 0, done.stdout
-    return str(ds.SOPInstanceUID)
 
 
 def _jobs_of(node: RunningNode, uid: str) -> list[Job]:
@@ -154,6 +158,80 @@ def test_reprocess_on_a_running_node_supersedes_where_the_configuration_changed(
     assert [(o.arguments, o.actor) for o in ops] == [(str(job1.id), user), (str(job2.id), user)]
     assert ops[0].detail == asked.stdout.splitlines()[0]
     assert f"INFO node.ops: operation {ops[0].id}: reprocess {job1.id} (by {user}): 1 job(s)" in asked.stderr
+
+
+def test_image_sent_again_for_another_patient_gets_results_for_that_patient(
+    tmp_path: Path, checkpoint_root: Path, nodes: list[RunningNode]
+) -> None:
+    """A PACS reconciles a patient (IHE PIR) and sends the image again under its SOP Instance UID: the node
+    analyses the new content and delivers results filed under the corrected patient, with UIDs of their own
+    (a PACS ignores a UID it has), whose SR supersedes the first; every object is valid for dciodvfy. The
+    same image sent again unchanged is only counted."""
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    from tests.integration.test_pipeline import dciodvfy_errors
+
+    pacs = StoreScp(tmp_path / "pacs")
+    pacs.start()
+    node = _start(
+        nodes,
+        tmp_path / "node",
+        checkpoint_root,
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+        default_destination="pacs",
+    )
+    try:
+        ds = helpers.image_dataset(size=96, seed=4)
+        first_file = helpers.write_dataset(ds, tmp_path / "inputs" / "first.dcm")
+        uid = str(ds.SOPInstanceUID)
+        _send_file(node, first_file)
+        (job1,) = wait_until("the job", lambda: _jobs_of(node, uid), 30)
+        _wait_done(node, job1.id)
+        first = {o.sop_instance_uid for o in _outputs(node, job1.id)}
+        wait_until("the first results at the PACS", lambda: first <= set(pacs.received()), 60)
+
+        old_study = str(ds.StudyInstanceUID)
+        # the patient corrected, and the image moved into that patient's study
+        ds.PatientID, ds.PatientName = "PHANTOM-RECONCILED", "PHANTOM^RECONCILED"
+        ds.StudyInstanceUID = generate_uid()
+        again_file = helpers.write_dataset(ds, tmp_path / "inputs" / "reconciled.dcm")
+        _send_file(node, again_file)
+        job1_, job2 = wait_until("the second job", lambda: len(jobs := _jobs_of(node, uid)) == 2 and jobs, 30)
+        assert job1_.id == job1.id
+        assert "(PatientName, PatientID, StudyInstanceUID): revision 2" in job2.reason
+        _wait_done(node, job2.id)
+        outputs2 = _outputs(node, job2.id)
+        second = {o.sop_instance_uid for o in outputs2}
+        assert not first & second  # new UIDs: a PACS would ignore new content under an old one
+        wait_until("the second results at the PACS", lambda: second <= set(pacs.received()), 60)
+        received = pacs.received()
+        for sop in second:
+            (path,) = received[sop]
+            out = dcmread(path)
+            assert (out.PatientID, str(out.PatientName)) == ("PHANTOM-RECONCILED", "PHANTOM^RECONCILED"), path
+            assert out.StudyInstanceUID == ds.StudyInstanceUID, path
+            assert dciodvfy_errors(path) == [], path
+        sr1 = next(o for o in _outputs(node, job1.id) if o.kind == "sr")
+        sr2 = next(o for o in outputs2 if o.kind == "sr")
+        assert sr2.supersedes == sr1.sop_instance_uid
+        (sr2_file,) = received[sr2.sop_instance_uid]
+        predecessor = dcmread(sr2_file).PredecessorDocumentsSequence[0]  # where the first SR is filed
+        assert predecessor.StudyInstanceUID == old_study
+        series = predecessor.ReferencedSeriesSequence[0]
+        assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sr1.sop_instance_uid
+
+        # the reconciled image once more, unchanged: counted, not analysed or sent again
+        _send_file(node, again_file)
+        with node.sessions()() as s:
+            instance = s.scalars(select(Instance).where(Instance.sop_instance_uid == uid)).one()
+            assert (instance.times_received, instance.revision) == (3, 2)
+        assert len(_jobs_of(node, uid)) == 2
+        log_text = node.log_text()
+        assert "received again with other content (PatientName, PatientID, StudyInstanceUID)" in log_text
+        assert "PHANTOM-RECONCILED" not in log_text  # no patient data in the log
+    finally:
+        pacs.stop()
 
 
 def test_resend_failed_delivers_once_the_destination_is_up(

@@ -190,7 +190,8 @@ def test_database_before_migrations_is_upgraded_in_place(tmp_path: Path, make_le
         assert _dump(path, table) == before[table]
     # + send_status (0006): the send is sent, and this was its last attempt
     assert _dump(path, "send_attempts") == [row + ("sent",) for row in before["send_attempts"]]
-    assert _dump(path, "instances") == [row + (None,) for row in before["instances"]]  # + purged_at
+    # + purged_at (0003), revision (0007)
+    assert _dump(path, "instances") == [row + (None, 1) for row in before["instances"]]
     # + content_key (0002), leased_by and lease_until (0004)
     assert _dump(path, "jobs") == [row + (None, None, None) for row in before["jobs"]]
     assert _dump(path, "sends") == [row + (None, None) for row in before["sends"]]  # + leased_by, lease_until
@@ -327,6 +328,8 @@ def test_postgresql_sql_renders_offline() -> None:
     assert "UPDATE alembic_version SET version_num='0005'" in sql
     assert "ALTER TABLE send_attempts ADD COLUMN send_status VARCHAR(16);" in sql
     assert "UPDATE alembic_version SET version_num='0006'" in sql
+    assert "ALTER TABLE instances ADD COLUMN revision INTEGER DEFAULT '1' NOT NULL;" in sql
+    assert "UPDATE alembic_version SET version_num='0007'" in sql
 
 
 def test_revision_0002_database_keeps_its_rows_through_0003_and_back(tmp_path: Path) -> None:

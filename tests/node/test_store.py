@@ -3,9 +3,16 @@ nothing."""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 import pytest
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from sqlalchemy import func, select
 
 from node.db import (
@@ -15,6 +22,7 @@ from node.db import (
     Job,
     JobStatus,
 )
+from node.outputs.identity import revised_key
 from node.queue import JobSignal
 from node.receive.store import (
     CONN_CLOSED_REASON,
@@ -23,6 +31,7 @@ from node.receive.store import (
     OutOfResourcesError,
     Received,
 )
+from tests import helpers
 
 
 def _rec(uid: str = "1.2.3", analysable: bool = True, association_id: int | None = None) -> Received:
@@ -41,6 +50,30 @@ def _rec(uid: str = "1.2.3", analysable: bool = True, association_id: int | None
     )
 
 
+_IMAGE = helpers.image_dataset(sop_uid="1.2.3", study_uid="1.2", size=32)
+
+
+def _dicom(syntax: str = ExplicitVRLittleEndian, **changes: object) -> bytes:
+    """The test image as a C-STORE brings it (file meta included), in ``syntax``, with ``changes``."""
+    ds: Dataset = copy.deepcopy(_IMAGE)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if syntax == RLELossless:
+        ds.compress(RLELossless, generate_instance_uid=False)
+    else:
+        ds.file_meta.TransferSyntaxUID = syntax
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+DATA1 = _dicom()
+
+
 def _counts(sessions) -> tuple[int, int]:
     with sessions() as s:
         return s.scalar(select(func.count()).select_from(Instance)), s.scalar(
@@ -52,16 +85,17 @@ def test_store_then_duplicate(tmp_path: Path, sessions) -> None:
     signal = JobSignal()
     assoc_id = AssociationLog(sessions).open("SCU", "GRADCAM", "127.0.0.1", 1, AssociationStatus.ACCEPTED)
     store = InstanceStore(tmp_path / "spool", sessions, signal, 0)
-    first = store.store(_rec(association_id=assoc_id), b"DATA1")
+    first = store.store(_rec(association_id=assoc_id), DATA1)
     assert first.outcome == "stored" and first.job_status is JobStatus.QUEUED
     assert first.path == tmp_path / "spool" / "1.2" / "1.2.3.dcm"
-    assert first.path.read_bytes() == b"DATA1"
+    assert first.path.read_bytes() == DATA1
     assert signal.pending  # the worker is woken after the commit
     signal.wait(0)
 
-    again = store.store(_rec(association_id=assoc_id), b"OTHER")
+    # the same image in another transfer syntax (another route, another encoding): not stored again
+    again = store.store(_rec(association_id=assoc_id), _dicom(ImplicitVRLittleEndian))
     assert again.outcome == "duplicate" and again.instance_id == first.instance_id
-    assert first.path.read_bytes() == b"DATA1"  # not overwritten
+    assert first.path.read_bytes() == DATA1  # not overwritten
     assert not signal.pending  # nothing new to do
     assert _counts(sessions) == (1, 1)
     with sessions() as s:
@@ -133,12 +167,12 @@ def _finish(sessions, job_id: int, content_key: str | None) -> None:
 def test_received_again_after_a_configuration_change_is_analysed_again(tmp_path: Path, sessions) -> None:
     signal = JobSignal()
     store = InstanceStore(tmp_path / "spool", sessions, signal, 0, content_key="new")
-    first = store.store(_rec(), b"DATA1")
+    first = store.store(_rec(), DATA1)
     signal.wait(0)
     # still queued: received again while its analysis waits, nothing more to do
-    assert store.store(_rec(), b"DATA1").job_id is None and not signal.pending
+    assert store.store(_rec(), DATA1).job_id is None and not signal.pending
     _finish(sessions, first.job_id, "old")  # its results were made with another configuration
-    again = store.store(_rec(), b"DATA1")
+    again = store.store(_rec(), DATA1)
     assert again.outcome == "duplicate" and again.job_status is JobStatus.QUEUED
     assert again.job_id not in (None, first.job_id) and signal.pending
     signal.wait(0)
@@ -151,7 +185,7 @@ def test_received_again_after_a_configuration_change_is_analysed_again(tmp_path:
     assert "another configuration" in (jobs[1].reason or "")
     # once done with the current configuration, receiving it again changes nothing
     _finish(sessions, again.job_id, "new")
-    assert store.store(_rec(), b"DATA1").job_id is None and not signal.pending
+    assert store.store(_rec(), DATA1).job_id is None and not signal.pending
     assert _counts(sessions) == (1, 2)
 
 
@@ -159,9 +193,9 @@ def test_received_again_is_only_counted_without_a_content_key_or_when_skipped(
     tmp_path: Path, sessions
 ) -> None:
     counting = InstanceStore(tmp_path / "spool", sessions, JobSignal(), 0)
-    first = counting.store(_rec(), b"DATA1")
+    first = counting.store(_rec(), DATA1)
     _finish(sessions, first.job_id, "old")
-    assert counting.store(_rec(), b"DATA1").job_id is None
+    assert counting.store(_rec(), DATA1).job_id is None
     current = InstanceStore(tmp_path / "spool", sessions, JobSignal(), 0, content_key="new")
     skipped = current.store(_rec("1.2.4", analysable=False), b"CT")
     assert skipped.job_status is JobStatus.SKIPPED
@@ -173,11 +207,107 @@ def test_received_again_after_a_purge_gets_its_file_back(tmp_path: Path, session
     from datetime import UTC, datetime
 
     store = InstanceStore(tmp_path / "spool", sessions, JobSignal(), 0, content_key="k")
-    first = store.store(_rec(), b"DATA1")
+    first = store.store(_rec(), DATA1)
     first.path.unlink()  # what purge does to the file, keeping the row
     with sessions.begin() as s:
         s.get(Instance, first.instance_id).purged_at = datetime.now(UTC)
-    again = store.store(_rec(), b"DATA1")
-    assert again.outcome == "duplicate" and first.path.read_bytes() == b"DATA1"
+    again = store.store(_rec(), DATA1)
+    assert again.outcome == "duplicate" and first.path.read_bytes() == DATA1
     with sessions() as s:
         assert s.get(Instance, first.instance_id).purged_at is None
+
+
+# --- the same SOP Instance UID with other content: revisions ----------------------------------------------
+
+
+def _instance(sessions, instance_id: int) -> Instance:
+    with sessions() as s:
+        return s.get(Instance, instance_id)
+
+
+def test_received_again_with_another_patient_is_a_new_revision_analysed_again(
+    tmp_path: Path, sessions
+) -> None:
+    """A PACS that corrected the patient sends the image again under its UID: the node must not keep results
+    filed under the old patient. The new content is kept next to the old file, the instance names it, and a
+    job analyses it again (its outputs get UIDs of their own: node.outputs.identity.revised_key)."""
+    signal = JobSignal()
+    store = InstanceStore(tmp_path / "spool", sessions, signal, 0, content_key="k")
+    first = store.store(_rec(), DATA1)
+    _finish(sessions, first.job_id, "k")
+    signal.wait(0)
+
+    corrected = _dicom(PatientID="PHANTOM-0002", PatientName="PHANTOM^RECONCILED")
+    revised = store.store(replace(_rec(), patient_id="PHANTOM-0002"), corrected)
+    assert revised.outcome == "revised" and revised.instance_id == first.instance_id
+    assert revised.job_status is JobStatus.QUEUED and revised.job_id != first.job_id and signal.pending
+    assert revised.path == first.path.with_name("1.2.3.r2.dcm") and revised.path.read_bytes() == corrected
+    assert first.path.read_bytes() == DATA1  # what the first analysis saw stays
+    row = _instance(sessions, first.instance_id)
+    assert (row.revision, row.patient_id, row.path, row.times_received) == (
+        2,
+        "PHANTOM-0002",
+        str(revised.path),
+        2,
+    )
+    with sessions() as s:
+        job = s.get(Job, revised.job_id)
+    assert (
+        job.reason == "received again with other content (PatientName, PatientID): revision 2, analysed again"
+    )
+    assert "PHANTOM-0002" not in job.reason  # names of what changed, never a patient's values
+
+    # the corrected image again, as the node now has it: counted only; analysed with the current
+    # configuration at this revision, it is not analysed again
+    _finish(sessions, revised.job_id, revised_key("k", 2))
+    signal.wait(0)
+    again = store.store(
+        replace(_rec(), patient_id="PHANTOM-0002"),
+        _dicom(ImplicitVRLittleEndian, PatientID="PHANTOM-0002", PatientName="PHANTOM^RECONCILED"),
+    )
+    assert again.outcome == "duplicate" and again.job_id is None and not signal.pending
+    assert _counts(sessions) == (1, 2)
+
+
+def test_other_pixels_under_a_known_uid_are_a_revision_and_another_encoding_is_not(
+    tmp_path: Path, sessions
+) -> None:
+    store = InstanceStore(tmp_path / "spool", sessions, JobSignal(), 0, content_key="k")
+    first = store.store(_rec(), DATA1)
+    _finish(sessions, first.job_id, "k")
+    # the same pixels, RLE-compressed by a router: the same image
+    assert store.store(_rec(), _dicom(RLELossless)).outcome == "duplicate"
+    pixels = np.frombuffer(_IMAGE.PixelData, np.uint16).copy()
+    pixels[0] += 1
+    other = store.store(_rec(), _dicom(PixelData=pixels.tobytes()))
+    assert other.outcome == "revised" and other.job_status is JobStatus.QUEUED
+    with sessions() as s:
+        assert "(pixel data)" in s.get(Job, other.job_id).reason
+
+
+def test_revision_while_the_job_waits_needs_no_second_job(tmp_path: Path, sessions) -> None:
+    """Still queued: the job reads the instance's file when a worker claims it, which is the new one now."""
+    store = InstanceStore(tmp_path / "spool", sessions, JobSignal(), 0, content_key="k")
+    first = store.store(_rec(), DATA1)
+    revised = store.store(_rec(), _dicom(StudyDescription="MOVED"))
+    assert revised.outcome == "revised" and revised.job_id == first.job_id
+    assert _counts(sessions) == (1, 1)
+    assert _instance(sessions, first.instance_id).path == str(revised.path)
+
+
+def test_revision_of_a_purged_instance_is_told_by_what_its_row_says(tmp_path: Path, sessions) -> None:
+    from datetime import UTC, datetime
+
+    store = InstanceStore(tmp_path / "spool", sessions, JobSignal(), 0, content_key="k")
+    first = store.store(_rec(), DATA1)
+    _finish(sessions, first.job_id, "k")
+    first.path.unlink()  # purged; the row stays
+    with sessions.begin() as s:
+        s.get(Instance, first.instance_id).purged_at = datetime.now(UTC)
+    moved = replace(_rec(), study_instance_uid="1.9")
+    revised = store.store(moved, _dicom(StudyInstanceUID="1.9"))
+    assert revised.outcome == "revised" and revised.path == tmp_path / "spool" / "1.9" / "1.2.3.r2.dcm"
+    row = _instance(sessions, first.instance_id)
+    assert (row.study_instance_uid, row.purged_at, row.revision) == ("1.9", None, 2)
+    with sessions() as s:
+        assert "(StudyInstanceUID)" in s.get(Job, revised.job_id).reason

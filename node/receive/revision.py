@@ -1,0 +1,79 @@
+"""Whether an image received again under a SOP Instance UID the node has is the same image.
+
+A PACS sends an instance again after it corrected the patient (IHE Patient Information Reconciliation), moved
+it to another study, or when a modality re-used a UID for another image. The node's results copy the
+source's patient and study and are computed from its pixels: results of the old content filed under the new
+one's patient would be wrong, so a changed image is a new *revision* of the instance
+(:meth:`node.receive.store.InstanceStore.store`), analysed again under output UIDs of its own.
+
+The same image sent again through another route may come in another transfer syntax or with its elements
+encoded otherwise: what is compared is what the elements say, and the pixels as decoded, never the bytes.
+Private elements and the file meta information are not compared (routers add and change them; the outputs
+copy none of them).
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+__all__ = ["differences"]
+
+_PIXEL_DATA = 0x7FE00010
+# what a PACS may rewrite without changing the image: the character set is compared through the values it
+# decodes, group lengths are encoding
+_IGNORED = frozenset({0x00080005})
+
+
+def _read(data: bytes | Path) -> Dataset:
+    return dcmread(BytesIO(data) if isinstance(data, bytes) else data)
+
+
+def _public(ds: Dataset) -> dict[int, object]:
+    return {
+        int(e.tag): e.value
+        for e in ds
+        if not e.tag.is_private and e.tag.element != 0 and int(e.tag) not in _IGNORED | {_PIXEL_DATA}
+    }
+
+
+def _keyword(tag: int) -> str:
+    from pydicom.datadict import keyword_for_tag
+
+    return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _same_pixels(old: Dataset, new: Dataset) -> bool:
+    if _PIXEL_DATA not in old or _PIXEL_DATA not in new:
+        return (_PIXEL_DATA in old) == (_PIXEL_DATA in new)
+    same_syntax = old.file_meta.get("TransferSyntaxUID") == new.file_meta.get("TransferSyntaxUID")
+    if same_syntax and old.PixelData == new.PixelData:
+        return True
+    return bool(np.array_equal(old.pixel_array, new.pixel_array))  # another encoding of the same pixels?
+
+
+def differences(stored: Path, received: bytes) -> list[str]:
+    """What differs between the stored file of an instance and the bytes received again for it: keywords
+    of the public elements whose values differ (names only, never values: they may be a patient's), and
+    ``pixel data`` when the decoded pixels do. Empty when it is the same image.
+
+    A file that cannot be read or decoded counts as different (``"content (cannot compare: ...)"``): the
+    image is then analysed again, which is never wrong, where taking it for the same might be.
+    """
+    if stored.read_bytes() == received:
+        return []
+    try:
+        old, new = _read(stored), _read(received)
+        a, b = _public(old), _public(new)
+        changed = sorted(t for t in a.keys() | b.keys() if a.get(t) != b.get(t))
+        out = [_keyword(t) for t in changed]
+        if not _same_pixels(old, new):
+            out.append("pixel data")
+        return out
+    except (OSError, InvalidDicomError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
+        return [f"content (cannot compare: {type(exc).__name__})"]
