@@ -28,7 +28,7 @@ import numpy as np
 
 from gradcam.config import COLORMAPS, RenderConfig
 from gradcam.preprocess import SourceImage
-from gradcam.results import DISCLAIMER, AnalysisResult, ModelResult
+from gradcam.results import DISCLAIMER, AnalysisResult, ModelResult, format_pair
 
 __all__ = [
     "render_overlay",
@@ -108,15 +108,6 @@ def _scheme(result: ModelResult, cfg: RenderConfig) -> _Scheme:
 # --- caption text --------------------------------------------------------------------------------------
 
 
-def _format_pair(probability: float, threshold: float) -> tuple[str, str]:
-    """Probability and threshold with 3 decimals, or more until they print differently (unless equal)."""
-    for digits in range(3, 18):
-        p, t = f"{probability:.{digits}f}", f"{threshold:.{digits}f}"
-        if p != t or probability == threshold:
-            return p, t
-    return repr(probability), repr(threshold)
-
-
 def decision_line(result: ModelResult) -> str:
     """One model's decision with the numbers behind it.
 
@@ -126,7 +117,7 @@ def decision_line(result: ModelResult) -> str:
     0.065``. Rounding is monotonic and the digits grow until the two numbers differ, so the printed
     numbers always agree with the printed comparison.
     """
-    p, t = _format_pair(result.probability, result.threshold)
+    p, t = format_pair(result.probability, result.threshold)
     if result.positive:
         return f"{result.model}: POSITIVE  p={p} >= threshold {t}"
     return f"{result.model}: negative  p={p} < threshold {t}"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ModelResult", "AnalysisResult", "consensus_of", "DISCLAIMER"]
+__all__ = ["ModelResult", "AnalysisResult", "consensus_of", "format_pair", "DISCLAIMER"]
 
 DISCLAIMER = "AI research output - not for diagnostic use"
 
@@ -62,3 +62,21 @@ class AnalysisResult:
     @property
     def consensus(self) -> bool:
         return consensus_of(list(self.models.values()))
+
+
+def format_pair(
+    probability: float, threshold: float, decimals: int = 3, *, threshold_as_set: bool = False
+) -> tuple[str, str]:
+    """A probability and its threshold as text that never contradicts the decision (``p >= threshold``).
+
+    ``decimals`` decimals for both (the threshold as configured, ``:g``, with ``threshold_as_set``), and
+    more for both while the printed numbers would compare otherwise than the real ones, or print the same
+    when they differ: ``p=0.383300 < threshold 0.3833`` becomes ``p=0.3832999 < threshold 0.3833000``.
+    """
+    for digits in range(decimals, 18):
+        p = f"{probability:.{digits}f}"
+        t = f"{threshold:g}" if threshold_as_set and digits == decimals else f"{threshold:.{digits}f}"
+        agrees = (float(p) >= float(t)) == (probability >= threshold)
+        if agrees and (p != t or probability == threshold):
+            return p, t
+    return repr(probability), repr(threshold)

@@ -14,6 +14,7 @@ from datetime import datetime
 from html import escape
 from typing import Any
 
+from gradcam.results import format_pair
 from node.db import JobStatus, SendStatus
 from node.http.status import Overview
 from node.ops.report import consensus_word
@@ -233,14 +234,18 @@ def _cards(o: Overview) -> str:
     return f'<div class="cards">{queue}{hour}{day}{models_card}{_workers_card(o)}{outbox}{disk}</div>'
 
 
+def _shown(m: Mapping[str, Any]) -> tuple[str, str]:
+    """A result's probability (4 decimals) and threshold, never contradicting its decision."""
+    return format_pair(m["probability"], m["threshold"], 4, threshold_as_set=True)
+
+
 def _models_cell(results: Iterable[Mapping[str, Any]]) -> str:
     parts = []
     for m in results:
         sign = "&ge;" if m["positive"] else "&lt;"
         css = "positive" if m["positive"] else "negative"
-        parts.append(
-            f'<span class="{css}">{_e(m["model"])} {m["probability"]:.3f} {sign} {m["threshold"]:g}</span>'
-        )
+        p, t = format_pair(m["probability"], m["threshold"], threshold_as_set=True)
+        parts.append(f'<span class="{css}">{_e(m["model"])} {p} {sign} {t}</span>')
     return "<br>".join(parts) or "-"
 
 
@@ -347,8 +352,8 @@ def job_page(r: Mapping[str, Any], node_title: str, nonce: str) -> str:
     )
     results = "".join(
         f'<tr data-model="{_e(m["model"])}"><td>{_e(m["model"])}</td>'
-        f'<td class="num">{m["probability"]:.4f}</td>'
-        f'<td class="num">{m["threshold"]:g}</td>'
+        f'<td class="num">{_shown(m)[0]}</td>'
+        f'<td class="num">{_shown(m)[1]}</td>'
         f'<td class="{"positive" if m["positive"] else "negative"}">'
         f"{'positive' if m['positive'] else 'negative'}</td>"
         f'<td class="num">{_e(m["cam_peak"])}</td><td class="num">{m["ms"]:.0f}</td></tr>'

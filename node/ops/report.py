@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, TextIO
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
+from gradcam.results import format_pair
 from node.config import Settings
 from node.db import (
     Association,
@@ -25,7 +27,7 @@ from node.db import (
 )
 from node.work.presence import WorkerView, seen_workers
 
-__all__ = ["print_jobs", "job_records", "job_record", "iso", "consensus_word"]
+__all__ = ["print_jobs", "job_records", "job_record", "iso", "consensus_word", "decision_text"]
 
 
 def iso(t: datetime | None) -> str | None:
@@ -126,6 +128,13 @@ def _fmt_ms(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:.0f}"
 
 
+def decision_text(m: Mapping[str, Any], decimals: int = 3) -> str:
+    """``ResNet18 0.412 >= 0.383``: one model's result as ``jobs`` and the status page show it; the numbers
+    never contradict the decision (:func:`gradcam.results.format_pair`)."""
+    p, t = format_pair(m["probability"], m["threshold"], decimals, threshold_as_set=True)
+    return f"{m['model']} {p} {'>=' if m['positive'] else '<'} {t}"
+
+
 def consensus_word(c: bool | None) -> str:
     """A job's consensus as the table and the page show it."""
     return "-" if c is None else ("positive" if c else "negative")
@@ -167,10 +176,7 @@ def _table(records: list[dict[str, Any]], assoc: dict[str, int], out: TextIO) ->
         if r["status"] == "running" and r["leased_by"]:
             print(f"       worker: {r['leased_by']} (lease until {(r['lease_until'] or '')[:19]})", file=out)
         if r["results"]:
-            models = "; ".join(
-                f"{m['model']} {m['probability']:.3f} {'>=' if m['positive'] else '<'} {m['threshold']:g}"
-                for m in r["results"]
-            )
+            models = "; ".join(decision_text(m) for m in r["results"])
             print(f"       models: {models}", file=out)
         for o in r["outputs"]:
             what = o["kind"] + (f" {o['model']}" if o["model"] else "")

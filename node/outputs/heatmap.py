@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from gradcam.results import DISCLAIMER, ModelResult
+from gradcam.results import DISCLAIMER, ModelResult, format_pair
 from node.outputs.common import (
     MANUFACTURER,
     SOURCE_IMAGE_PURPOSE,
@@ -225,10 +225,11 @@ def _per_frame_groups(parts: SourceParts) -> bytes:
 
 def _comments(result: ModelResult, version: str) -> str:
     decision = "positive" if result.positive else "negative"
+    p, threshold = format_pair(result.probability, result.threshold, 6, threshold_as_set=True)
     return (
         f"{DISCLAIMER}. Grad-CAM of {result.model} ({version}): relative saliency scaled to its maximum "
-        f"(0-1), not a probability per pixel. {result.model} p={result.probability:.6f}, threshold "
-        f"{result.threshold:g}, decision {decision}."
+        f"(0-1), not a probability per pixel. {result.model} p={p}, threshold {threshold}, decision "
+        f"{decision}."
     )
 
 

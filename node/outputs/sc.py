@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from gradcam.results import DISCLAIMER, AnalysisResult, ModelResult
+from gradcam.results import DISCLAIMER, AnalysisResult, ModelResult, format_pair
 from node.outputs.common import (
     MANUFACTURER,
     MODEL_NAME,
@@ -58,8 +58,9 @@ def _decision(positive: bool) -> str:
 
 def _finding(r: ModelResult, ctx: OutputContext) -> str:
     relation = ">=" if r.positive else "<"
+    p, threshold = format_pair(r.probability, r.threshold, 6, threshold_as_set=True)
     return (
-        f"{r.model} p={r.probability:.6f} {relation} threshold {r.threshold:g}: {_decision(r.positive)} "
+        f"{r.model} p={p} {relation} threshold {threshold}: {_decision(r.positive)} "
         f"(checkpoint {ctx.model(r.model).version})"
     )
 

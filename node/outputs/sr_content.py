@@ -52,7 +52,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from gradcam.results import DISCLAIMER, AnalysisResult, ModelResult
+from gradcam.results import DISCLAIMER, AnalysisResult, ModelResult, format_pair
 from node.outputs import sr_items as si
 from node.outputs.common import MANUFACTURER, MODEL_NAME
 from node.outputs.encoding import Encodings, encode_dataset, item
@@ -345,11 +345,15 @@ def _consensus_group(
 
 def comment_text(results: Sequence[ModelResult], consensus: bool) -> str:
     """The report's comment: the disclaimer, each model's vote, the consensus, what the maps are."""
-    votes = ", ".join(
-        f"{r.model} {'positive' if r.positive else 'negative'} (p={r.probability:.6f} "
-        f"{'>=' if r.positive else '<'} threshold {r.threshold:g})"
-        for r in results
-    )
+
+    def vote(r: ModelResult) -> str:
+        p, threshold = format_pair(r.probability, r.threshold, 6, threshold_as_set=True)
+        relation = ">=" if r.positive else "<"
+        return (
+            f"{r.model} {'positive' if r.positive else 'negative'} (p={p} {relation} threshold {threshold})"
+        )
+
+    votes = ", ".join(vote(r) for r in results)
     return (
         f"{DISCLAIMER}. Pneumonia classification of a chest radiograph by {len(results)} model(s) "
         f"({votes}); consensus by majority vote: {'positive' if consensus else 'negative'}. Maps are "

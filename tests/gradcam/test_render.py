@@ -12,7 +12,7 @@ import pytest
 from gradcam.config import COLORMAPS, RenderConfig
 from gradcam.preprocess import SourceImage
 from gradcam.render import caption_lines, render_overlay, render_summary
-from gradcam.results import DISCLAIMER, AnalysisResult, ModelResult
+from gradcam.results import DISCLAIMER, AnalysisResult, ModelResult, format_pair
 
 NAMES = ("ResNet18", "EfficientNet-B0", "DenseNet121")
 
@@ -259,6 +259,30 @@ def test_decision_lines_agree_with_their_numbers_near_the_threshold() -> None:
         p = float(np.clip(t + rng.normal(0, 10.0 ** -rng.integers(3, 9)), 0, 1))
         result = dataclasses.replace(base, probability=p, threshold=t, positive=p >= t)
         check_decision_line(result, caption_lines(result, analysis_of(result))[0])
+
+
+@pytest.mark.parametrize(
+    ("p", "t", "expected"),
+    [
+        (0.873123, 0.25, ("0.873123", "0.25")),  # the threshold as configured
+        (0.38329996, 0.3833, ("0.38329996", "0.38330000")),  # not "p=0.383300 < threshold 0.3833"
+        (0.3833, 0.3833, ("0.383300", "0.3833")),
+    ],
+)
+def test_the_texts_of_dicom_outputs_never_contradict_the_decision(
+    p: float, t: float, expected: tuple[str, str]
+) -> None:
+    assert format_pair(p, t, 6, threshold_as_set=True) == expected
+
+
+def test_pairs_with_the_threshold_as_set_agree_with_their_numbers_near_it() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        t = round(float(rng.uniform(0.001, 0.999)), int(rng.integers(1, 9)))
+        p = float(np.clip(t + rng.normal(0, 10.0 ** -rng.integers(3, 10)), 0, 1))
+        shown_p, shown_t = format_pair(p, t, 6, threshold_as_set=True)
+        assert (float(shown_p) >= float(shown_t)) == (p >= t), (p, t, shown_p, shown_t)
+        assert shown_p != shown_t or p == t, (p, t)
 
 
 @pytest.mark.parametrize(

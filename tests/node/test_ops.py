@@ -789,3 +789,13 @@ def test_cli_refuses_without_database_or_retention(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 1 and "nothing to purge: give --older-than DAYS" in done.stderr
+
+
+def test_jobs_never_show_numbers_that_contradict_the_decision() -> None:
+    """``0.383 >= 0.3833`` would read as a wrong decision: the digits grow until the numbers agree."""
+    from node.ops.report import decision_text
+
+    near = {"model": "ResNet18", "probability": 0.38334, "threshold": 0.3833, "positive": True}
+    assert decision_text(near) == "ResNet18 0.38334 >= 0.38330"
+    far = {"model": "DenseNet121", "probability": 0.031, "threshold": 0.065, "positive": False}
+    assert decision_text(far) == "DenseNet121 0.031 < 0.065"
