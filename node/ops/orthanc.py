@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gradcam.config import REPO_ROOT
-from node.ops.peers import PeerError, port_is_free, terminate
+from node.ops.peers import ChildProcess, PeerError, port_is_free
 
 __all__ = [
     "ORTHANC_BINARY",
@@ -234,7 +234,7 @@ class OrthancClient:
 # --- local Orthanc process ----------------------------------------------------------------------------------
 
 
-class LocalOrthanc:
+class LocalOrthanc(ChildProcess):
     """Debian's Orthanc on this machine with a derived configuration; restartable on the same storage.
 
     ``workdir`` receives ``orthanc.json``, ``autorouting.lua``, ``storage/`` and ``orthanc.log``.
@@ -251,6 +251,7 @@ class LocalOrthanc:
         binary: Path = ORTHANC_BINARY,
     ) -> None:
         self.workdir = Path(workdir)
+        super().__init__(self.workdir / "orthanc.log")
         self.dicom_port = dicom_port
         self.http_port = http_port
         self.node_port = node_port
@@ -259,11 +260,9 @@ class LocalOrthanc:
         self.storage_dir = self.workdir / "storage"
         self.config_path = self.workdir / "orthanc.json"
         self.lua_path = self.workdir / "autorouting.lua"
-        self.log_path = self.workdir / "orthanc.log"
         self.config = self._config()
         self.aet: str = self.config.get("DicomAet", "ORTHANC")
         self.client = OrthancClient(self.url)
-        self._proc: subprocess.Popen[bytes] | None = None
 
     def _config(self) -> dict[str, Any]:
         return local_orthanc_config(
@@ -278,16 +277,6 @@ class LocalOrthanc:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
-        except OSError:
-            return ""
 
     def start(self, timeout: float = 60.0) -> None:
         """Write the configuration, start Orthanc and wait until its REST API answers."""
@@ -327,13 +316,6 @@ class LocalOrthanc:
         except OrthancError:
             return False
         return int(system.get("DicomPort", -1)) == self.dicom_port
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop Orthanc (SIGTERM, then SIGKILL after ``timeout``)."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        terminate(proc, timeout)
 
     def restart(self, *, dicom_port: int | None = None, timeout: float = 60.0) -> None:
         """Stop, then start again on the same storage (optionally on another DICOM port)."""

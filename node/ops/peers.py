@@ -26,6 +26,7 @@ __all__ = [
     "terminate",
     "storescu",
     "compress",
+    "ChildProcess",
     "NodeProcess",
 ]
 
@@ -131,14 +132,12 @@ def compress(path: Path, kind: str) -> bool:
 # --- the node as a child process ----------------------------------------------------------------------------
 
 
-class NodeProcess:
-    """``gradcam-node serve`` as a child process, in its own session (Ctrl-C reaches only the caller)."""
+class ChildProcess:
+    """A program this process started, writing to :attr:`log_path`: whether it runs, its log's end, and
+    its stop (SIGTERM, SIGKILL after a timeout)."""
 
-    def __init__(self, config: Path, log_path: Path, port: int, ae_title: str) -> None:
-        self.config = config
+    def __init__(self, log_path: Path) -> None:
         self.log_path = log_path
-        self.port = port
-        self.ae_title = ae_title
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -150,6 +149,23 @@ class NodeProcess:
             return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
         except OSError:
             return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, SIGKILL after ``timeout`` seconds; nothing if it is not running."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        terminate(proc, timeout)
+
+
+class NodeProcess(ChildProcess):
+    """``gradcam-node serve`` as a child process, in its own session (Ctrl-C reaches only the caller)."""
+
+    def __init__(self, config: Path, log_path: Path, port: int, ae_title: str) -> None:
+        super().__init__(log_path)
+        self.config = config
+        self.port = port
+        self.ae_title = ae_title
 
     def echo(self, calling_ae: str) -> bool:
         """True if the node answers C-ECHO."""
@@ -192,7 +208,4 @@ class NodeProcess:
 
     def stop(self, timeout: float = 120.0) -> None:
         """SIGTERM (the node finishes its batch and exits), SIGKILL after ``timeout``."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        terminate(proc, timeout)
+        super().stop(timeout)
