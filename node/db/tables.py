@@ -175,6 +175,8 @@ class Instance(Base):
     # 1 as first received; +1 each time the same SOP Instance UID comes with other content (another
     # patient, study or pixels: node.receive.revision), whose file :attr:`path` then names
     revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # the files of the earlier revisions, one path a line (kept for the record; purged with :attr:`path`)
+    earlier_paths: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="instance", order_by="Job.id")
 

@@ -2,8 +2,9 @@
 
 Two kinds of file go, each after its own number of days (0: never):
 
-- a *received* instance's file, once every job of the instance is finished (done, failed or skipped) and
-  the instance was received, and its last job made and finished, that long ago;
+- a *received* instance's file (and those of its earlier revisions, :mod:`node.receive.revision`), once
+  every job of the instance is finished (done, failed or skipped) and the instance was received, and its
+  last job made and finished, that long ago;
 - an *output* file, once every send of its job is finished (sent or failed, or the job has none), nothing
   was sent or attempted since, it was made that long ago and no job of its source image is queued or
   running (a re-analysis writes to the same folder). Identical outputs of two analyses share one file: it
@@ -207,13 +208,14 @@ class _Purger:
             with self.sessions.begin() as s:
                 rows = s.execute(
                     select(Instance.id, Instance.path, Instance.sop_instance_uid, Instance.received_at)
+                    .add_columns(Instance.earlier_paths)
                     .where(_instance_may_go(cutoff), Instance.id > last)
                     .order_by(Instance.id)
                     .limit(_CHUNK)
                     .with_for_update()
                 ).all()
                 gone = []
-                for row_id, path, uid, received_at in rows:
+                for row_id, path, uid, received_at, earlier in rows:
                     last = row_id
                     ok, size, done = self._file(Path(path), "received file")
                     if not ok:
@@ -222,11 +224,17 @@ class _Purger:
                     self.report.received_files += 1
                     self.report.received_bytes += size
                     self.report.ok(f"{done} (instance {uid}, received {received_at:%Y-%m-%d}, {_size(size)})")
+                    for old in (earlier or "").splitlines():  # its earlier revisions' files go with it
+                        old_ok, old_size, old_done = self._file(Path(old), "earlier revision file")
+                        if old_ok and old_size:
+                            self.report.received_files += 1
+                            self.report.received_bytes += old_size
+                            self.report.ok(f"{old_done} (instance {uid}, {_size(old_size)})")
                 if gone and not self.dry_run:
                     s.execute(
                         update(Instance)
                         .where(Instance.id.in_(gone))
-                        .values(purged_at=self.now)
+                        .values(purged_at=self.now, earlier_paths=None)
                         .execution_options(synchronize_session=False)
                     )
             if len(rows) < _CHUNK or self.stopping():

@@ -99,6 +99,7 @@ _KNOWN_INSTANCE = select(
     Instance.study_instance_uid,
     Instance.series_instance_uid,
     Instance.patient_id,
+    Instance.earlier_paths,
 ).where(Instance.sop_instance_uid == bindparam("uid"))
 _RECEIVED_AGAIN = (
     update(Instance)
@@ -306,6 +307,7 @@ class InstanceStore:
                         path=str(path),
                         size_bytes=len(data),
                         revision=revision,
+                        earlier_paths="\n".join(filter(None, (known.earlier_paths, known.path))),
                         purged_at=None,
                     )
                 )

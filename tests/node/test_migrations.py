@@ -190,8 +190,8 @@ def test_database_before_migrations_is_upgraded_in_place(tmp_path: Path, make_le
         assert _dump(path, table) == before[table]
     # + send_status (0006): the send is sent, and this was its last attempt
     assert _dump(path, "send_attempts") == [row + ("sent",) for row in before["send_attempts"]]
-    # + purged_at (0003), revision (0007)
-    assert _dump(path, "instances") == [row + (None, 1) for row in before["instances"]]
+    # + purged_at (0003), revision and earlier_paths (0007)
+    assert _dump(path, "instances") == [row + (None, 1, None) for row in before["instances"]]
     # + content_key (0002), leased_by and lease_until (0004)
     assert _dump(path, "jobs") == [row + (None, None, None) for row in before["jobs"]]
     assert _dump(path, "sends") == [row + (None, None) for row in before["sends"]]  # + leased_by, lease_until

@@ -250,6 +250,7 @@ def test_received_again_with_another_patient_is_a_new_revision_analysed_again(
         str(revised.path),
         2,
     )
+    assert row.earlier_paths == str(first.path)
     with sessions() as s:
         job = s.get(Job, revised.job_id)
     assert (
@@ -311,3 +312,27 @@ def test_revision_of_a_purged_instance_is_told_by_what_its_row_says(tmp_path: Pa
     assert (row.study_instance_uid, row.purged_at, row.revision) == ("1.9", None, 2)
     with sessions() as s:
         assert "(StudyInstanceUID)" in s.get(Job, revised.job_id).reason
+
+
+def test_purge_takes_the_files_of_earlier_revisions_with_the_instance(tmp_path: Path, sessions) -> None:
+    from datetime import timedelta
+
+    from node.db import utcnow
+    from node.ops.purge import Rules, purge
+
+    spool = tmp_path / "spool"
+    store = InstanceStore(spool, sessions, JobSignal(), 0, content_key="k")
+    first = store.store(_rec(), DATA1)
+    _finish(sessions, first.job_id, "k")
+    second = store.store(_rec(), _dicom(StudyDescription="MOVED"))
+    _finish(sessions, second.job_id, revised_key("k", 2))
+    third = store.store(_rec(), _dicom(StudyDescription="MOVED AGAIN"))
+    _finish(sessions, third.job_id, revised_key("k", 3))
+    files = [first.path, second.path, third.path]
+    assert all(f.is_file() for f in files) and third.path.name == "1.2.3.r3.dcm"
+    assert _instance(sessions, first.instance_id).earlier_paths == f"{first.path}\n{second.path}"
+
+    report = purge(sessions, spool, Rules(received_days=1), now=utcnow() + timedelta(days=2))
+    assert report.received_files == 3 and not any(f.exists() for f in files)
+    row = _instance(sessions, first.instance_id)
+    assert row.purged_at is not None and row.earlier_paths is None
