@@ -215,6 +215,7 @@ class _Purger:
                     .with_for_update()
                 ).all()
                 gone = []
+                still: dict[int, str] = {}  # earlier revisions' files that could not be deleted
                 for row_id, path, uid, received_at, earlier in rows:
                     last = row_id
                     ok, size, done = self._file(Path(path), "received file")
@@ -224,12 +225,17 @@ class _Purger:
                     self.report.received_files += 1
                     self.report.received_bytes += size
                     self.report.ok(f"{done} (instance {uid}, received {received_at:%Y-%m-%d}, {_size(size)})")
+                    kept = []
                     for old in (earlier or "").splitlines():  # its earlier revisions' files go with it
                         old_ok, old_size, old_done = self._file(Path(old), "earlier revision file")
-                        if old_ok and old_size:
+                        if not old_ok:
+                            kept.append(old)  # refused (said why): named still, for the next run
+                        elif old_size:
                             self.report.received_files += 1
                             self.report.received_bytes += old_size
                             self.report.ok(f"{old_done} (instance {uid}, {_size(old_size)})")
+                    if kept:
+                        still[row_id] = "\n".join(kept)
                 if gone and not self.dry_run:
                     s.execute(
                         update(Instance)
@@ -237,6 +243,13 @@ class _Purger:
                         .values(purged_at=self.now, earlier_paths=None)
                         .execution_options(synchronize_session=False)
                     )
+                    for row_id, paths in still.items():
+                        s.execute(
+                            update(Instance)
+                            .where(Instance.id == row_id)
+                            .values(earlier_paths=paths)
+                            .execution_options(synchronize_session=False)
+                        )
             if len(rows) < _CHUNK or self.stopping():
                 break
 

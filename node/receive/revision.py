@@ -8,8 +8,9 @@ one's patient would be wrong, so a changed image is a new *revision* of the inst
 
 The same image sent again through another route may come in another transfer syntax or with its elements
 encoded otherwise: what is compared is what the elements say, and the pixels as decoded, never the bytes.
-Private elements and the file meta information are not compared (routers add and change them; the outputs
-copy none of them).
+Private elements (in sequence items too) and the file meta information are not compared (routers add and
+change them; the outputs copy none of them), and 16-bit values compare as numbers whatever VR an encoding
+gave them (implicit VR reads LUT Data as US, explicit VR files often hold it as OW).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 __all__ = ["differences"]
@@ -33,9 +35,27 @@ def _read(data: bytes | Path) -> Dataset:
     return dcmread(BytesIO(data) if isinstance(data, bytes) else data)
 
 
+# VRs whose value one encoding reads as numbers and another as bytes (LUT Data: US in one, OW in another)
+_WORDS = frozenset({"US", "SS", "OW", "US or OW", "US or SS", "US or SS or OW", "OB or OW"})
+
+
+def _value(e: DataElement) -> object:
+    """An element's value as it means, not as it was encoded: items of sequences without their private
+    elements, 16-bit words as numbers whichever VR the encoding gave them."""
+    value = e.value
+    if e.VR == "SQ":
+        return tuple(_public(item) for item in value)
+    if e.VR in _WORDS and value is not None and value != b"" and value != []:
+        if isinstance(value, bytes | bytearray):
+            return tuple(np.frombuffer(value[: len(value) // 2 * 2], "<u2").tolist())
+        numbers = [value] if isinstance(value, int) else list(value)
+        return tuple(np.asarray(numbers, np.int64).astype("<u2").tolist())
+    return value
+
+
 def _public(ds: Dataset) -> dict[int, object]:
     return {
-        int(e.tag): e.value
+        int(e.tag): _value(e)
         for e in ds
         if not e.tag.is_private and e.tag.element != 0 and int(e.tag) not in _IGNORED | {_PIXEL_DATA}
     }

@@ -285,6 +285,10 @@ class InstanceStore:
         revision = int(known.revision) + 1
         first = instance_path(self.storage_dir, rec.study_instance_uid, rec.sop_instance_uid)
         path = first.with_name(f"{rec.sop_instance_uid}.r{revision}.dcm")
+        n = 1
+        while path.exists() or str(path) == known.path:  # never over a file a row may name
+            n += 1
+            path = first.with_name(f"{rec.sop_instance_uid}.r{revision}-{n}.dcm")
         self.check_space(len(data))
         try:
             write_atomic(path, data)
@@ -294,6 +298,15 @@ class InstanceStore:
         now = utcnow()
         try:
             with self.sessions.begin() as s:
+                # the latest job first, locked (PostgreSQL): a worker that claims it meanwhile would read
+                # the instance as it was; a worker that claimed it before makes this one see it running
+                latest = s.execute(
+                    select(Job.id, Job.status)
+                    .where(Job.instance_id == known.id)
+                    .order_by(Job.id.desc())
+                    .limit(1)
+                    .with_for_update()
+                ).first()
                 s.execute(
                     update(Instance)
                     .where(Instance.id == known.id)
@@ -311,12 +324,6 @@ class InstanceStore:
                         purged_at=None,
                     )
                 )
-                latest = s.execute(
-                    select(Job.id, Job.status)
-                    .where(Job.instance_id == known.id)
-                    .order_by(Job.id.desc())
-                    .limit(1)
-                ).first()
                 if latest is not None and latest.status is JobStatus.QUEUED:
                     job_id, status = int(latest.id), JobStatus.QUEUED
                 else:

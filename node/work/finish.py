@@ -30,6 +30,7 @@ from node.work.results import (
     Done,
     LostLease,
     PermanentError,
+    current_revision,
     instance_numbers,
     predecessor_of,
     record_done,
@@ -39,6 +40,11 @@ from node.work.results import (
 __all__ = ["Finisher"]
 
 log = logging.getLogger("node.work.worker")
+
+
+class ImageChanged(Exception):
+    """The job's image was received again with other content while the job analysed it: its results
+    would copy the old patient and study, so none are made (the newer job makes them)."""
 
 
 class Finisher:
@@ -62,6 +68,9 @@ class Finisher:
             except LostLease as exc:
                 log.warning("job %d: results dropped: %s", item.job.job_id, exc)
                 return False
+            except ImageChanged as exc:
+                self._drop(item, str(exc))
+                return False
             except Exception as exc:  # noqa: BLE001 - classified and stored with the job by _fail
                 item.error = exc
         self._fail(item)
@@ -73,6 +82,12 @@ class Finisher:
         job, analysis = item.job, item.analysis
         ctx = self.context.of_revision(job.revision)  # a source received again with other content
         with self.factory() as s:
+            now = current_revision(s, job.job_id)
+            if now is not None and now != job.revision:
+                raise ImageChanged(
+                    f"the image was received again with other content while it was analysed (revision "
+                    f"{job.revision}, now {now}): no results from the old content; a newer job analyses it"
+                )
             predecessor = predecessor_of(s, job.job_id, ctx.content_key)
             before = None if predecessor is None else str(predecessor.SOPInstanceUID)
             numbers = instance_numbers(s, plan_outputs(item.source, analysis, ctx, before))
@@ -113,6 +128,20 @@ class Finisher:
             return build_outputs(source, image, analysis, ctx, numbers, predecessor)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise PermanentError(f"cannot build outputs: {describe(exc)}") from exc
+
+    def _drop(self, item: Item, reason: str) -> None:
+        """End a job whose image changed under it: ``skipped``, nothing written or sent."""
+        values = {
+            "status": JobStatus.SKIPPED,
+            "reason": reason,
+            "finished_at": utcnow(),
+            "next_attempt_at": None,
+        }
+        try:
+            if give_back(self.factory, self.holder, item.job.job_id, values):
+                log.warning("job %d (%s): %s", item.job.job_id, item.job.sop_instance_uid, reason)
+        except OperationalError as exc:  # the lease runs out and the job is claimed again: same outcome
+            log.error("job %d: cannot record that its image changed: %s", item.job.job_id, exc)
 
     def _fail(self, item: Item) -> None:
         """Store a failed attempt: retry later if transient and attempts remain, else ``failed``."""

@@ -32,6 +32,7 @@ __all__ = [
     "PermanentError",
     "LostLease",
     "predecessor_of",
+    "current_revision",
     "instance_numbers",
     "write_outputs",
     "record_done",
@@ -50,6 +51,16 @@ class LostLease(Exception):
 _JOB_ID = bindparam("job_id")
 
 _INSTANCE_OF_JOB = select(Job.instance_id).where(Job.id == _JOB_ID)
+_REVISION_OF_JOB = (
+    select(Instance.revision).join(Job, Job.instance_id == Instance.id).where(Job.id == _JOB_ID)
+)
+
+
+def current_revision(session: Session, job_id: int) -> int | None:
+    """The revision of job ``job_id``'s image now (:mod:`node.receive.revision`)."""
+    return session.scalar(_REVISION_OF_JOB, {"job_id": job_id})
+
+
 _PREDECESSOR = (
     select(
         Output.series_instance_uid,

@@ -973,6 +973,39 @@ def test_worker_stops_when_a_restarted_model_process_finds_another_checkpoint(
         assert result.checkpoint_sha256 == new.sha256
 
 
+def test_results_of_an_image_that_changed_during_its_analysis_are_not_made(
+    factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The PACS sends the image again with another patient while a worker analyses it: the worker's
+    results would copy the old patient, so it makes none (the job is skipped, saying why); the newer job
+    that the new revision got makes them."""
+    from node.work.batch import collect, prepare, submit
+
+    settings = _worker_settings(tmp_path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    ds = _dx_file(spool / "a.dcm", 1)
+    job_id = _job(factory, sop_uid=ds.SOPInstanceUID, path=spool / "a.dcm", reply_ae="PACS")
+    worker = Worker(settings, factory, JobSignal(), JobSignal())
+    try:
+        (claimed,) = claim_jobs(factory, 4, holder=worker.holder)
+        batch = prepare([claimed], worker.models, settings.core.preprocess)
+        submit(batch, worker.models)
+        collect(batch, worker.models)
+        assert batch.items[0].analysis is not None
+        with factory.begin() as s:  # what the receiver's revision does meanwhile (node.receive.store)
+            s.get(Job, job_id).instance.revision = 2
+        assert worker.finisher.finish(batch.items[0]) is False
+    finally:
+        worker.models.stop()
+    with factory() as s:
+        job = s.get(Job, job_id)
+        assert job.status == JobStatus.SKIPPED and "received again with other content" in job.reason
+        assert not s.scalars(select(Output).where(Output.job_id == job_id)).all()
+        assert not s.scalars(select(Send).where(Send.job_id == job_id)).all()
+    assert not (spool / "outputs").exists() or not any((spool / "outputs").rglob("*.dcm"))
+
+
 def test_model_process_death_mid_batch_is_a_transient_error(tmp_path: Path) -> None:
     """A child killed while it runs a batch: collect() raises RuntimeError (the worker retries the jobs),
     and the next submit starts a new child that answers."""

@@ -336,3 +336,33 @@ def test_purge_takes_the_files_of_earlier_revisions_with_the_instance(tmp_path: 
     assert report.received_files == 3 and not any(f.exists() for f in files)
     row = _instance(sessions, first.instance_id)
     assert row.purged_at is not None and row.earlier_paths is None
+
+
+def test_the_same_image_in_another_encoding_is_the_same_whatever_its_sequences_hold(
+    tmp_path: Path, sessions
+) -> None:
+    """Implicit VR reads a VOI LUT's data as numbers (US) where the explicit VR file holds words (OW), and a
+    router may add private elements inside a sequence's items: neither is other content."""
+    lut = Dataset()
+    lut.LUTDescriptor = [4, 0, 12]
+    lut.add_new(0x00283006, "OW", np.array([0, 1000, 3000, 4095], "<u2").tobytes())  # LUT Data
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "RPID1", "99TEST", "Chest PA"
+    base = {"VOILUTSequence": [lut], "ProcedureCodeSequence": [code]}
+    store = InstanceStore(tmp_path / "spool", sessions, JobSignal(), 0, content_key="k")
+    first = store.store(_rec(), _dicom(**base))
+    _finish(sessions, first.job_id, "k")
+
+    routed = copy.deepcopy(code)
+    routed.private_block(0x0011, "SOME ROUTER", create=True).add_new(0x01, "LO", "routed")
+    again = store.store(
+        _rec(), _dicom(ImplicitVRLittleEndian, VOILUTSequence=[lut], ProcedureCodeSequence=[routed])
+    )
+    assert again.outcome == "duplicate" and again.job_id is None
+
+    other_lut = copy.deepcopy(lut)
+    other_lut.LUTData = np.array([0, 1000, 3001, 4095], "<u2").tobytes()
+    revised = store.store(_rec(), _dicom(VOILUTSequence=[other_lut], ProcedureCodeSequence=[code]))
+    assert revised.outcome == "revised"
+    with sessions() as s:
+        assert "(VOILUTSequence)" in s.get(Job, revised.job_id).reason
