@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
@@ -28,11 +29,11 @@ __all__ = ["differences"]
 _PIXEL_DATA = 0x7FE00010
 # what a PACS may rewrite without changing the image: the character set is compared through the values it
 # decodes, group lengths are encoding
-_IGNORED = frozenset({0x00080005})
+_IGNORED = frozenset({0x00080005, _PIXEL_DATA})  # the pixels are compared decoded (_same_pixels)
 
 
-def _read(data: bytes | Path) -> Dataset:
-    return dcmread(BytesIO(data) if isinstance(data, bytes) else data)
+def _read(data: bytes) -> Dataset:
+    return dcmread(BytesIO(data))
 
 
 # VRs whose value one encoding reads as numbers and another as bytes (LUT Data: US in one, OW in another)
@@ -57,13 +58,11 @@ def _public(ds: Dataset) -> dict[int, object]:
     return {
         int(e.tag): _value(e)
         for e in ds
-        if not e.tag.is_private and e.tag.element != 0 and int(e.tag) not in _IGNORED | {_PIXEL_DATA}
+        if not e.tag.is_private and e.tag.element != 0 and int(e.tag) not in _IGNORED
     }
 
 
 def _keyword(tag: int) -> str:
-    from pydicom.datadict import keyword_for_tag
-
     return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
@@ -85,9 +84,10 @@ def differences(stored: Path, received: bytes) -> list[str]:
     image is then analysed again, which is never wrong, where taking it for the same might be.
     """
     try:
-        if stored.read_bytes() == received:
+        kept = stored.read_bytes()
+        if kept == received:
             return []
-        old, new = _read(stored), _read(received)
+        old, new = _read(kept), _read(received)
         a, b = _public(old), _public(new)
         changed = sorted(t for t in a.keys() | b.keys() if a.get(t) != b.get(t))
         out = [_keyword(t) for t in changed]

@@ -327,21 +327,9 @@ class InstanceStore:
                 if latest is not None and latest.status is JobStatus.QUEUED:
                     job_id, status = int(latest.id), JobStatus.QUEUED
                 else:
-                    status = JobStatus.QUEUED if rec.analysable else JobStatus.SKIPPED
-                    reason = (
-                        f"received again with other content ({what}): revision {revision}, analysed again"
-                        if rec.analysable
-                        else rec.skip_reason
-                    )
-                    job = {
-                        "instance_id": known.id,
-                        "status": status,
-                        "reason": reason,
-                        "attempts": 0,
-                        "reply_ae": rec.calling_ae,
-                        "created_at": now,
-                        "finished_at": None if rec.analysable else now,
-                    }
+                    why = f"received again with other content ({what}): revision {revision}, analysed again"
+                    job = _job_row(known.id, rec, now, why)
+                    status = job["status"]
                     (job_id,) = s.execute(_INSERT_JOB, job).inserted_primary_key
                     if status is JobStatus.QUEUED:
                         ring(s, JOBS)
@@ -364,7 +352,6 @@ class InstanceStore:
 
     def _record(self, rec: Received, path: Path, size: int) -> StoreResult:
         now = utcnow()
-        status = JobStatus.QUEUED if rec.analysable else JobStatus.SKIPPED
         instance = {
             "sop_instance_uid": rec.sop_instance_uid,
             "sop_class_uid": rec.sop_class_uid,
@@ -382,20 +369,26 @@ class InstanceStore:
         }
         with self.sessions.begin() as s:
             (instance_id,) = s.execute(_INSERT_INSTANCE, instance).inserted_primary_key
-            job = {
-                "instance_id": instance_id,
-                "status": status,
-                "reason": None if rec.analysable else rec.skip_reason,
-                "attempts": 0,
-                "reply_ae": rec.calling_ae,
-                "created_at": now,
-                "finished_at": None if rec.analysable else now,
-            }
+            job = _job_row(instance_id, rec, now)
+            status = job["status"]
             (job_id,) = s.execute(_INSERT_JOB, job).inserted_primary_key
             _bump_association(s, rec.association_id, received=1)
             if status is JobStatus.QUEUED:
                 ring(s, JOBS)  # workers on other machines (PostgreSQL)
             return StoreResult(StoreOutcome.STORED, instance_id, path, job_id, status)
+
+
+def _job_row(instance_id: int, rec: Received, now: datetime, why: str | None = None) -> dict[str, Any]:
+    """The new job of a received instance: queued (``why``: its reason), or skipped with the triage's."""
+    return {
+        "instance_id": instance_id,
+        "status": JobStatus.QUEUED if rec.analysable else JobStatus.SKIPPED,
+        "reason": why if rec.analysable else rec.skip_reason,
+        "attempts": 0,
+        "reply_ae": rec.calling_ae,
+        "created_at": now,
+        "finished_at": None if rec.analysable else now,
+    }
 
 
 def _changes(known: Row[Any], rec: Received, data: bytes) -> list[str]:

@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import bindparam, func, insert, or_, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from gradcam.results import AnalysisResult
 from node.config import Destination
@@ -50,7 +50,8 @@ class LostLease(Exception):
 
 _JOB_ID = bindparam("job_id")
 
-_INSTANCE_OF_JOB = select(Job.instance_id).where(Job.id == _JOB_ID)
+_OWN = aliased(Job)
+_INSTANCE_OF_JOB = select(_OWN.instance_id).where(_OWN.id == _JOB_ID).scalar_subquery()
 _REVISION_OF_JOB = (
     select(Instance.revision).join(Job, Job.instance_id == Instance.id).where(Job.id == _JOB_ID)
 )
@@ -72,7 +73,7 @@ _PREDECESSOR = (
     .join(Job, Job.id == Output.job_id)
     .join(Instance, Instance.id == Job.instance_id)
     .where(
-        Job.instance_id == bindparam("instance_id"),
+        Job.instance_id == _INSTANCE_OF_JOB,
         Job.id < _JOB_ID,
         Job.status == JobStatus.DONE,
         or_(Job.content_key.is_(None), Job.content_key != bindparam("content_key")),
@@ -90,10 +91,7 @@ def predecessor_of(session: Session, job_id: int, content_key: str) -> Dataset |
     configuration: a re-analysis with an unchanged configuration names the same predecessor again, so
     its SR keeps the same content and UID.
     """
-    instance_id = session.scalar(_INSTANCE_OF_JOB, {"job_id": job_id})
-    row = session.execute(
-        _PREDECESSOR, {"instance_id": instance_id, "job_id": job_id, "content_key": content_key}
-    ).first()
+    row = session.execute(_PREDECESSOR, {"job_id": job_id, "content_key": content_key}).first()
     if row is None:
         return None
     header = Dataset()
